@@ -1,0 +1,48 @@
+# famviz — two commands for a new user: `make lab` (set up, open the tutorials) and
+# `make test` (set up, run the whole suite). Both create/update .venv as needed.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The torch build is chosen here, before anything else is installed (see README, "torch").
+# A torch already in .venv is kept; pip is then pinned to it so no dependency can swap it.
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+PIN    := $(VENV)/torch-pin.txt
+STAMP  := $(VENV)/.famviz-installed
+PYTEST_ARGS ?=
+
+.PHONY: lab test bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(PIN): | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || \
+	  $(PY) -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(PIN)
+
+$(STAMP): pyproject.toml $(PIN)
+	$(PY) -m pip install -c $(PIN) -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks
+
+# unit tests, doctests and the tutorials (each notebook run in a fresh kernel by nbmake);
+# pytest's exit code 5 ("no tests collected") is not a failure
+test: $(STAMP)
+	$(PY) -m pytest --doctest-modules famviz tests --nbmake --nbmake-timeout=300 notebooks \
+	  $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+$(VENV)/.famviz-bench: $(STAMP)
+	$(PY) -m pip install -c $(PIN) -e ".[dev,bench]"
+	touch $@
+
+bench: $(VENV)/.famviz-bench
+	$(PY) benchmarks/curvature.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,44 @@
+"""famviz: relative flatness, FAM and sharpness measures for PyTorch models, with notebook
+figures and widgets.
+
+The core (this package without :mod:`famviz.plots` and :mod:`famviz.widgets`) needs only torch
+and numpy.
+"""
+
+from . import data, models, oracles, reparam
+from .curvature import HessianOperator
+from .measures import (
+    EigenResult,
+    FrobeniusResult,
+    RelativeFlatnessResult,
+    TraceResult,
+    hessian_frobenius,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    relative_flatness,
+)
+from .objective import Objective
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # data and models
+    "data",
+    "models",
+    # objective and curvature machinery
+    "Objective",
+    "HessianOperator",
+    "oracles",
+    # relative flatness
+    "relative_flatness",
+    "RelativeFlatnessResult",
+    # Hessian measures
+    "hessian_trace",
+    "hessian_top_eigenvalue",
+    "hessian_frobenius",
+    "TraceResult",
+    "EigenResult",
+    "FrobeniusResult",
+    # reparameterizations
+    "reparam",
+]

@@ -1,0 +1,452 @@
+"""Curvature machinery: Hessian-vector products, exact blocks, trace and eigenvalue estimators,
+and loss-Hessian factors pulled back to Linear layers.
+
+Two routes to second-order information:
+
+* :class:`HessianOperator` — H restricted to a set of named parameters, as a linear operator on
+  flat vectors. The first-order graph is built once; every Hessian-vector product (HVP) is one
+  extra backward pass through it (double backward). Works for any model and loss.
+* :func:`linear_pullback` — for Linear layers followed only by piecewise-linear modules (ReLU,
+  LeakyReLU, max-pooling, other Linear layers...) and a cross-entropy or MSE loss, the Hessian
+  block of a layer equals its Gauss-Newton block exactly (the network is piecewise linear in
+  that layer's weights, so the residual term vanishes almost everywhere):
+
+  .. math::
+
+     \\frac{\\partial^2 E}{\\partial W_{ik}\\,\\partial W_{jl}}
+       = \\frac1N \\sum_n (J_n^\\top H^{\\ell}_n J_n)_{ij}\\, \\phi_{nk}\\phi_{nl},
+
+  with :math:`J_n` the Jacobian of the output with respect to the layer's output and
+  :math:`H^{\\ell}_n = S_n S_n^\\top` the loss Hessian in the output. Backpropagating the C
+  columns of :math:`S_n` gives :math:`\\Delta_n = J_n^\\top S_n` and with it every block trace at
+  the cost of one forward and C batched backward passes.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .objective import Objective
+
+__all__ = [
+    "HessianOperator",
+    "ParamLayout",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos_top",
+    "power_iteration_top",
+    "linear_pullback",
+    "loss_hessian_factor",
+    "piecewise_linear_after",
+    "new_seed",
+]
+
+#: largest batch of vectors pushed through one batched HVP (bounds memory)
+HVP_CHUNK = 256
+
+#: modules that are piecewise linear in their input (and parameter-free): the Hessian of a
+#: Linear layer followed only by these (and other Linear layers) equals its Gauss-Newton block
+PIECEWISE_LINEAR = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,  # always off in famviz evaluations
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+)
+
+
+def new_seed() -> int:
+    """A fresh seed from the OS (never from torch's or numpy's global RNG)."""
+    return secrets.randbits(62)
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+# ------------------------------------------------------------------------------ flat vectors
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """How a name-keyed parameter dict maps to one flat vector (in the given name order)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def dim(self) -> int:
+        return sum(self.numels)
+
+    def flatten(self, tensors: dict[str, Tensor] | Sequence[Tensor]) -> Tensor:
+        seq = [tensors[n] for n in self.names] if isinstance(tensors, dict) else tensors
+        return torch.cat([t.reshape(-1) for t in seq])
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Flat vector(s) (..., dim) -> list of tensors shaped like the parameters."""
+        lead = flat.shape[:-1]
+        return [
+            part.reshape(*lead, *shape)
+            for part, shape in zip(torch.split(flat, self.numels, dim=-1), self.shapes)
+        ]
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.split(flat)))
+
+
+# ------------------------------------------------------------------------------ the operator
+
+
+class HessianOperator:
+    """The Hessian of ``objective`` with respect to the parameters ``names``.
+
+    The gradient graph is built once at construction (one forward and one backward pass over all
+    data, kept in memory); :meth:`matvec` and :meth:`matmat` then cost one backward pass each.
+    ``num_hvps`` counts the Hessian-vector products made.
+    """
+
+    def __init__(self, objective: Objective, names: Sequence[str]):
+        if not names:
+            raise ValueError("no parameters selected")
+        self.objective = objective
+        self._params = {n: objective.params[n].detach().clone().requires_grad_(True) for n in names}
+        self.layout = ParamLayout(tuple(names), tuple(p.shape for p in self._params.values()))
+        self.dim = self.layout.dim
+        self.device = objective.device
+        self.dtype = objective.dtype
+        self.num_hvps = 0
+        loss = objective.loss(self._params)
+        self.loss_value = float(loss.detach())
+        grads = torch.autograd.grad(
+            loss, list(self._params.values()), create_graph=True, allow_unused=True
+        )
+        # parameters whose gradient is constant (or absent) have zero Hessian rows
+        self._live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self._grads = [grads[i] for i in self._live]
+        self._inputs = [list(self._params.values())[i] for i in self._live]
+        self.gradient = self.layout.flatten(
+            [g.detach() if g is not None else torch.zeros_like(p)
+             for g, p in zip(grads, self._params.values())]
+        )
+
+    def _backward(self, parts: list[Tensor], batched: bool) -> list[Tensor]:
+        outs = torch.autograd.grad(
+            self._grads,
+            self._inputs,
+            grad_outputs=[parts[i] for i in self._live],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+        full = [torch.zeros_like(p) for p in parts]
+        for i, o in zip(self._live, outs):
+            if o is not None:
+                full[i] = o
+        return full
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """H v for a flat vector ``v`` of length ``dim``."""
+        self.num_hvps += 1
+        if not self._live:
+            return torch.zeros_like(v)
+        return self.layout.flatten(self._backward(self.layout.split(v), batched=False))
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """H applied to each row of ``V`` (k, dim), batched in chunks of :data:`HVP_CHUNK`."""
+        out = []
+        for start in range(0, V.shape[0], HVP_CHUNK):
+            chunk = V[start : start + HVP_CHUNK]
+            self.num_hvps += chunk.shape[0]
+            if not self._live:
+                out.append(torch.zeros_like(chunk))
+                continue
+            parts = self._backward(self.layout.split(chunk), batched=True)
+            out.append(torch.cat([p.reshape(chunk.shape[0], -1) for p in parts], dim=1))
+        return torch.cat(out)
+
+    def dense(self) -> Tensor:
+        """The full (dim, dim) Hessian from ``dim`` HVPs; for small parameter blocks."""
+        eye = torch.eye(self.dim, device=self.device, dtype=self.dtype)
+        H = self.matmat(eye)
+        return (H + H.T) / 2
+
+    def diagonal(self) -> Tensor:
+        """The exact diagonal from ``dim`` HVPs with unit vectors (chunked)."""
+        diag = torch.empty(self.dim, device=self.device, dtype=self.dtype)
+        for start in range(0, self.dim, HVP_CHUNK):
+            stop = min(start + HVP_CHUNK, self.dim)
+            E = torch.zeros(stop - start, self.dim, device=self.device, dtype=self.dtype)
+            idx = torch.arange(stop - start, device=self.device)
+            E[idx, start + idx] = 1
+            diag[start:stop] = self.matmat(E)[idx, start + idx]
+        return diag
+
+
+# ------------------------------------------------------------------------- trace estimators
+
+
+def _rademacher(shape, gen: torch.Generator, device, dtype) -> Tensor:
+    return torch.randint(0, 2, shape, generator=gen, device=device).to(dtype) * 2 - 1
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    stderr: float
+    num_hvps: int
+
+
+def hutchinson_trace(op: HessianOperator, probes: int, seed: int) -> Estimate:
+    """Hutchinson's estimator :math:`\\mathrm{Tr}(H) \\approx \\frac1K\\sum_k v_k^\\top H v_k`
+    with Rademacher probes; the standard error is the sample std over probes / sqrt(K)."""
+    if probes < 2:
+        raise ValueError(f"probes must be at least 2 (for a standard error), got {probes}")
+    gen = _generator(seed, op.device)
+    V = _rademacher((probes, op.dim), gen, op.device, op.dtype)
+    samples = (V * op.matmat(V)).sum(dim=1)
+    return Estimate(float(samples.mean()), float(samples.std() / math.sqrt(probes)), probes)
+
+
+def hutchpp_trace(op: HessianOperator, hvps: int, seed: int) -> Estimate:
+    """Hutch++ (Meyer, Musco, Musco, Woodruff 2021) with a budget of ``hvps`` products.
+
+    A third of the budget sketches the top of the spectrum (:math:`Q = \\mathrm{orth}(H S)`),
+    whose trace :math:`\\mathrm{Tr}(Q^\\top H Q)` is exact; Hutchinson on the deflated
+    remainder :math:`(I - QQ^\\top) H (I - QQ^\\top)` uses the last third. The standard error
+    is that of the remainder's Hutchinson samples.
+    """
+    if hvps < 6:
+        raise ValueError(f"Hutch++ needs a budget of at least 6 HVPs, got {hvps}")
+    k = min(hvps // 3, op.dim)
+    m = hvps - 2 * k
+    gen = _generator(seed, op.device)
+    S = _rademacher((k, op.dim), gen, op.device, op.dtype)
+    Q, _ = torch.linalg.qr(op.matmat(S).T)  # (dim, k), orthonormal columns
+    top = float(torch.einsum("ik,ki->", Q.T, op.matmat(Q.T).T))
+    G = _rademacher((m, op.dim), gen, op.device, op.dtype)
+    G = G - (G @ Q) @ Q.T
+    samples = (G * op.matmat(G)).sum(dim=1)
+    rest = float(samples.mean())
+    stderr = float(samples.std() / math.sqrt(m)) if m > 1 else float("nan")
+    return Estimate(top + rest, stderr, 2 * k + m)
+
+
+# --------------------------------------------------------------------- eigenvalue estimators
+
+
+@dataclass(frozen=True)
+class Eigen:
+    values: Tensor  # (k,), descending
+    vectors: Tensor  # (k, dim), unit norm
+    residuals: Tensor  # (k,), ||H v - lambda v||
+    iterations: int
+    converged: bool
+
+
+def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int) -> Eigen:
+    """The ``k`` largest (algebraic) eigenpairs by Lanczos with full reorthogonalization.
+
+    Stops when every wanted Ritz pair has residual :math:`|\\beta_j s_{j,i}| \\le
+    \\mathrm{tol}\\cdot|\\theta_i|` — a bound on :math:`\\|Hv - \\theta v\\|`, which bounds the
+    eigenvalue error by the same relative amount.
+    """
+    n = op.dim
+    max_iter = min(max_iter, n)
+    gen = _generator(seed, op.device)
+    q = torch.randn(n, generator=gen, device=op.device, dtype=op.dtype)
+    Q = [q / q.norm()]
+    alphas: list[float] = []
+    betas: list[float] = []
+    converged = False
+    theta = S = None
+    for j in range(max_iter):
+        w = op.matvec(Q[j])
+        alpha = float(w @ Q[j])
+        alphas.append(alpha)
+        Qm = torch.stack(Q)
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            w = w - Qm.T @ (Qm @ w)
+        beta = float(w.norm())
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            T += torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)
+        theta, S = theta.flip(0), S.flip(1)
+        kk = min(k, j + 1)
+        bounds = (beta * S[-1, :kk]).abs()
+        if j + 1 >= k and bool((bounds <= tol * theta[:kk].abs().clamp_min(1e-30)).all()):
+            converged = True
+            break
+        if beta < 1e-12 * max(1.0, abs(alpha)):  # invariant subspace found: exact
+            converged = j + 1 >= k
+            break
+        betas.append(beta)
+        Q.append(w / beta)
+    kk = min(k, len(alphas))
+    Qm = torch.stack(Q[: len(alphas)])
+    vecs = (S[:, :kk].to(op.dtype).T @ Qm)
+    vecs = vecs / vecs.norm(dim=1, keepdim=True)
+    res = (op.matmat(vecs) - theta[:kk, None].to(op.dtype) * vecs).norm(dim=1)
+    return Eigen(theta[:kk].to(op.dtype), vecs, res, len(alphas), converged)
+
+
+def power_iteration_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int) -> Eigen:
+    """The ``k`` dominant eigenpairs (largest magnitude) by power iteration with deflation.
+
+    Each pair iterates until the Rayleigh quotient changes by less than ``tol`` relative, as
+    PyHessian does; later pairs are kept orthogonal to the earlier ones.
+    """
+    gen = _generator(seed, op.device)
+    values, vectors = [], []
+    total, converged_all = 0, True
+    for _ in range(k):
+        v = torch.randn(op.dim, generator=gen, device=op.device, dtype=op.dtype)
+        lam = None
+        converged = False
+        for _ in range(max_iter):
+            for u in vectors:
+                v = v - (u @ v) * u
+            v = v / v.norm()
+            Hv = op.matvec(v)
+            for u in vectors:  # deflate: H - sum lambda_i u_i u_i^T, applied via projection
+                Hv = Hv - (u @ Hv) * u
+            total += 1
+            new = float(v @ Hv)
+            if lam is not None and abs(new - lam) <= tol * max(abs(new), 1e-30):
+                lam = new
+                converged = True
+                break
+            lam, v = new, Hv
+        v = v / v.norm()
+        values.append(lam)
+        vectors.append(v)
+        converged_all &= converged
+    vecs = torch.stack(vectors)
+    vals = torch.tensor(values, dtype=op.dtype, device=op.device)
+    order = torch.argsort(vals, descending=True)
+    vals, vecs = vals[order], vecs[order]
+    res = (op.matmat(vecs) - vals[:, None] * vecs).norm(dim=1)
+    return Eigen(vals, vecs, res, total, converged_all)
+
+
+# ------------------------------------------------------------------ Gauss-Newton pull-backs
+
+
+def loss_hessian_factor(loss_name: str, output: Tensor) -> Tensor:
+    """Per-sample factor ``S`` (C, N, d_out) of the loss Hessian in the output:
+    :math:`\\partial^2 \\ell_n / \\partial o_n^2 = \\sum_c S_{c,n} S_{c,n}^\\top`.
+
+    * cross-entropy (softmax): :math:`\\mathrm{diag}(p) - pp^\\top`, factor column
+      :math:`c`: :math:`\\sqrt{p_c}\\,(e_c - p)`; labels do not enter.
+    * MSE (mean over the d outputs of a sample): :math:`(2/d)\\,I`, columns
+      :math:`\\sqrt{2/d}\\,e_c`.
+    """
+    N, d = output.shape
+    if loss_name == "cross_entropy":
+        p = torch.softmax(output, dim=1)
+        eye = torch.eye(d, dtype=output.dtype, device=output.device)
+        # S[c, n, :] = sqrt(p[n, c]) * (e_c - p[n])
+        return p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None, :, :])
+    if loss_name == "mse":
+        eye = torch.eye(d, dtype=output.dtype, device=output.device) * math.sqrt(2.0 / d)
+        return eye[:, None, :].expand(d, N, d)
+    raise ValueError(f"no loss-Hessian factor for loss {loss_name!r}")
+
+
+def _sequential_leaves(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """Leaf modules in execution order when ``model`` is built only from nn.Sequential."""
+    leaves: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, module: nn.Module) -> bool:
+        children = list(module.named_children())
+        if not children:
+            leaves.append((prefix, module))
+            return True
+        if not isinstance(module, nn.Sequential):
+            return False
+        return all(walk(f"{prefix}.{n}" if prefix else n, c) for n, c in children)
+
+    return leaves if walk("", model) else None
+
+
+def piecewise_linear_after(model: nn.Module, layer: str, bn: str = "eval") -> bool:
+    """True when the model is an nn.Sequential stack in which everything after ``layer`` is
+    piecewise linear (so the layer's Hessian block equals its Gauss-Newton block)."""
+    leaves = _sequential_leaves(model)
+    if leaves is None:
+        return False
+    names = [n for n, _ in leaves]
+    if layer not in names:
+        return False
+    allowed: tuple[type, ...] = PIECEWISE_LINEAR + (nn.Linear, nn.Conv1d, nn.Conv2d)
+    if bn == "eval":  # BatchNorm with running statistics is affine
+        allowed += (nn.modules.batchnorm._BatchNorm,)
+    return all(isinstance(m, allowed) for _, m in leaves[names.index(layer) + 1 :])
+
+
+def piecewise_linear_stack(model: nn.Module) -> list[str] | None:
+    """Names of the Linear layers when the whole model is an nn.Sequential stack of Linear and
+    parameter-free piecewise-linear modules (so every Linear block's Hessian is Gauss-Newton);
+    otherwise None."""
+    leaves = _sequential_leaves(model)
+    if leaves is None:
+        return None
+    for _, m in leaves:
+        if not isinstance(m, (nn.Linear,) + PIECEWISE_LINEAR):
+            return None
+        if isinstance(m, PIECEWISE_LINEAR) and any(True for _ in m.parameters()):
+            return None
+    return [n for n, m in leaves if isinstance(m, nn.Linear)]
+
+
+def linear_pullback(objective: Objective, layers: Sequence[str]):
+    """For each batch, yield ``{layer: (phi, delta)}``: the layer's inputs ``phi`` (N_b, m) and
+    the loss-Hessian factor backpropagated to its outputs ``delta`` (C, N_b, d).
+
+    Exact (Hessian = Gauss-Newton) only where :func:`piecewise_linear_after` holds; callers check.
+    """
+    params = {n: p.detach() for n, p in objective.params.items()}
+    for X, _ in objective.batches:
+        with objective.capture(layers) as cap:
+            out = objective.forward(params, X)
+        S = loss_hessian_factor(objective.loss_name, out.detach())
+        result = {}
+        needs_grad = [name for name in layers if cap[name]["z"] is not out]
+        if needs_grad:
+            grads = torch.autograd.grad(
+                out,
+                [cap[name]["z"] for name in needs_grad],
+                grad_outputs=S,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+            deltas = dict(zip(needs_grad, grads))
+        for name in layers:
+            phi = cap[name]["phi"].detach()
+            if phi.ndim != 2:
+                raise ValueError(
+                    f"layer {name!r} receives inputs of shape {tuple(phi.shape)}; the closed "
+                    "form needs (N, features) inputs — use method='exact' instead"
+                )
+            delta = S if cap[name]["z"] is out else deltas[name]
+            if delta is None:  # the layer does not reach the output
+                delta = torch.zeros(S.shape[0], *cap[name]["z"].shape, dtype=S.dtype,
+                                    device=S.device)
+            result[name] = (phi, delta)
+        yield result

@@ -1,0 +1,331 @@
+"""Hessian-based sharpness: trace, top eigenvalues and Frobenius norm of the loss Hessian.
+
+All three take the common arguments ``(model, data, loss, params=None, ...)``: ``params`` is
+``None`` (every parameter), a layer name (``"2"``: its weight and bias), a parameter name
+(``"2.weight"``), or a list of these. None of them is invariant under function-preserving
+reparameterizations (MATH.md §2): layer-wise rescaling by α multiplies the Hessian block of the
+scaled-down layer by α² — the contrast relative flatness is built to avoid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..curvature import (
+    HessianOperator,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos_top,
+    linear_pullback,
+    new_seed,
+    piecewise_linear_stack,
+    power_iteration_top,
+)
+from ..objective import LOSSES, Objective, ObjectiveInfo, check_option, resolve_params
+
+__all__ = [
+    "TraceResult",
+    "EigenResult",
+    "FrobeniusResult",
+    "hessian_trace",
+    "hessian_top_eigenvalue",
+    "hessian_frobenius",
+    "TRACE_METHODS",
+    "EIGEN_METHODS",
+    "FROBENIUS_METHODS",
+]
+
+TRACE_METHODS = ("auto", "exact", "hutchinson", "hutchpp")
+EIGEN_METHODS = ("lanczos", "power")
+FROBENIUS_METHODS = ("auto", "exact", "hutchinson")
+
+#: with method="auto", exact HVP-based computations are used up to this many parameters
+AUTO_EXACT_MAX_PARAMS = 2048
+#: default number of Hessian-vector products of the stochastic estimators
+DEFAULT_PROBES = 100
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """Tr(H) over the selected parameters; ``float(result)`` is the trace.
+
+    Attributes:
+        value: the trace (estimate).
+        stderr: standard error of a stochastic estimate; 0.0 when exact.
+        method: ``"exact"``, ``"hutchinson"`` or ``"hutchpp"``.
+        backend: how it was computed: ``"gauss-newton"`` (exact per-layer pull-back for
+            piecewise-linear Linear stacks), ``"hvp-diagonal"`` or ``"hvp"``.
+        per_param: exact per-parameter traces (``{}`` for stochastic estimates).
+        params: the parameter names the Hessian covers.
+        num_hvps: Hessian-vector products used (0 for the Gauss-Newton backend).
+        seed: the seed of a stochastic estimate, else None.
+        objective: loss, number of samples, BatchNorm policy, dtype, device.
+    """
+
+    value: float
+    stderr: float
+    method: str
+    backend: str
+    per_param: dict[str, float]
+    params: tuple[str, ...]
+    num_hvps: int
+    seed: int | None
+    objective: ObjectiveInfo
+
+    def __float__(self) -> float:
+        return self.value
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """The top-k Hessian eigenvalues (descending); ``float(result)`` is the largest.
+
+    ``eigenvectors[i]`` is a name-keyed dict of unit-norm directions (jointly unit norm over all
+    selected parameters). ``residuals[i]`` is :math:`\\|Hv_i - \\lambda_i v_i\\|`.
+    """
+
+    eigenvalues: tuple[float, ...]
+    eigenvectors: list[dict[str, Tensor]] = field(repr=False)
+    residuals: tuple[float, ...]
+    method: str
+    tol: float
+    converged: bool
+    iterations: int
+    params: tuple[str, ...]
+    num_hvps: int
+    seed: int
+    objective: ObjectiveInfo
+
+    @property
+    def value(self) -> float:
+        return self.eigenvalues[0]
+
+    def __float__(self) -> float:
+        return self.value
+
+
+@dataclass(frozen=True)
+class FrobeniusResult:
+    """:math:`\\|H\\|_F`; ``float(result)`` is the norm."""
+
+    value: float
+    stderr: float
+    method: str
+    params: tuple[str, ...]
+    num_hvps: int
+    seed: int | None
+    objective: ObjectiveInfo
+
+    def __float__(self) -> float:
+        return self.value
+
+
+def _gauss_newton_traces(obj: Objective, names: list[str], layers: list[str]) -> dict[str, float]:
+    """Exact per-parameter traces for a piecewise-linear Linear stack (see curvature module):
+    :math:`\\mathrm{Tr}\\,H_W = \\frac1N\\sum_n \\|\\phi_n\\|^2 \\sum_c \\|\\delta_{nc}\\|^2`,
+    :math:`\\mathrm{Tr}\\,H_b = \\frac1N\\sum_n \\sum_c \\|\\delta_{nc}\\|^2`."""
+    wanted = [l for l in layers if f"{l}.weight" in names or f"{l}.bias" in names]
+    sums = {n: 0.0 for n in names}
+    for batch in linear_pullback(obj, wanted):
+        for layer, (phi, delta) in batch.items():
+            dsq = delta.pow(2).sum(dim=(0, 2))  # (N_b,)
+            if f"{layer}.weight" in sums:
+                sums[f"{layer}.weight"] += float((phi.pow(2).sum(dim=1) * dsq).sum())
+            if f"{layer}.bias" in sums:
+                sums[f"{layer}.bias"] += float(dsq.sum())
+    return {n: v / obj.num_samples for n, v in sums.items()}
+
+
+def hessian_trace(
+    model,
+    data,
+    loss="cross_entropy",
+    params=None,
+    method: str = "auto",
+    *,
+    probes: int = DEFAULT_PROBES,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device=None,
+    bn: str = "eval",
+) -> TraceResult:
+    """Trace of the Hessian of the mean loss over the selected parameters.
+
+    .. math:: \\mathrm{Tr}(H) = \\sum_i \\frac{\\partial^2 E}{\\partial\\theta_i^2}
+
+    Methods:
+        * ``"exact"``: for an ``nn.Sequential`` of Linear layers and piecewise-linear activations
+          with cross-entropy or MSE, the per-layer Gauss-Newton pull-back (one forward and C
+          batched backward passes, no HVP; exact because the Hessian's diagonal blocks equal the
+          Gauss-Newton blocks there); otherwise the diagonal from one HVP per coordinate.
+        * ``"hutchinson"``: ``probes`` Rademacher probes, with a standard error.
+        * ``"hutchpp"``: Hutch++ with a budget of ``probes`` HVPs (lower variance when the
+          spectrum is dominated by a few large eigenvalues).
+        * ``"auto"``: exact when the Gauss-Newton route applies or there are at most
+          :data:`AUTO_EXACT_MAX_PARAMS` parameters, else Hutch++.
+
+    Args:
+        model: any ``nn.Module`` (never modified).
+        data: ``(X, y)`` or an iterable of batches.
+        loss: ``"cross_entropy"``, ``"mse"`` or a callable.
+        params: ``None`` (all), a layer or parameter name, or a list of them.
+        method: see above.
+        probes: HVP budget of the stochastic methods.
+        seed: seed of the stochastic methods (a fresh one is drawn and recorded if None).
+        dtype, device, bn: evaluation dtype, device and BatchNorm policy.
+
+    Example (least squares, :math:`H = \\frac{2}{N}X^\\top X`):
+
+    >>> import torch
+    >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> model = torch.nn.Linear(2, 1, bias=False).double()
+    >>> r = hessian_trace(model, (X, torch.zeros(2, 1, dtype=torch.float64)), loss="mse")
+    >>> round(float(r), 10), r.method
+    (5.0, 'exact')
+    """
+    check_option("method", method, TRACE_METHODS)
+    names = resolve_params(model, params)
+    obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
+    info = obj.info()
+    stack = piecewise_linear_stack(model) if obj.loss_name in LOSSES else None
+    gauss_newton = stack is not None and all(n.rsplit(".", 1)[0] in stack for n in names)
+    dim = sum(obj.params[n].numel() for n in names)
+    if method == "auto":
+        method = "exact" if gauss_newton or dim <= AUTO_EXACT_MAX_PARAMS else "hutchpp"
+
+    if method == "exact" and gauss_newton:
+        per = _gauss_newton_traces(obj, names, stack)
+        return TraceResult(sum(per.values()), 0.0, "exact", "gauss-newton", per, tuple(names), 0,
+                           None, info)
+
+    op = HessianOperator(obj, names)
+    if method == "exact":
+        diag = op.diagonal()
+        per = {n: float(t.sum()) for n, t in op.layout.unflatten(diag).items()}
+        return TraceResult(float(diag.sum()), 0.0, "exact", "hvp-diagonal", per, tuple(names),
+                           op.num_hvps, None, info)
+    seed = new_seed() if seed is None else int(seed)
+    est = (hutchinson_trace if method == "hutchinson" else hutchpp_trace)(op, probes, seed)
+    return TraceResult(est.value, est.stderr, method, "hvp", {}, tuple(names), op.num_hvps, seed,
+                       info)
+
+
+def hessian_top_eigenvalue(
+    model,
+    data,
+    loss="cross_entropy",
+    params=None,
+    k: int = 1,
+    method: str = "lanczos",
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device=None,
+    bn: str = "eval",
+) -> EigenResult:
+    """The ``k`` largest eigenvalues of the Hessian (and their eigenvectors).
+
+    Methods:
+        * ``"lanczos"`` (default): Lanczos with full reorthogonalization; the k largest
+          *algebraic* eigenvalues, stopped when each Ritz residual is at most ``tol`` times its
+          eigenvalue (so the relative error is below ``tol``).
+        * ``"power"``: power iteration with deflation, stopped when the Rayleigh quotient
+          changes by less than ``tol`` (PyHessian's rule); finds the eigenvalues of largest
+          *magnitude*, which are the top ones at a minimum where H is nearly positive
+          semi-definite.
+
+    ``result.converged`` is False when ``max_iter`` ran out first.
+
+    Example (least squares: :math:`H = \\mathrm{diag}(1, 4)`):
+
+    >>> import torch
+    >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> model = torch.nn.Linear(2, 1, bias=False).double()
+    >>> r = hessian_top_eigenvalue(model, (X, torch.zeros(2, 1, dtype=torch.float64)),
+    ...                            loss="mse", k=2, seed=0)
+    >>> [round(v, 8) for v in r.eigenvalues]
+    [4.0, 1.0]
+    """
+    check_option("method", method, EIGEN_METHODS)
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not (tol > 0):
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
+    names = resolve_params(model, params)
+    obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
+    op = HessianOperator(obj, names)
+    if k > op.dim:
+        raise ValueError(f"k={k} exceeds the number of selected parameters ({op.dim})")
+    seed = new_seed() if seed is None else int(seed)
+    solver = lanczos_top if method == "lanczos" else power_iteration_top
+    eig = solver(op, int(k), float(tol), int(max_iter), seed)
+    vectors = [{n: t.detach() for n, t in op.layout.unflatten(v).items()} for v in eig.vectors]
+    return EigenResult(
+        tuple(float(v) for v in eig.values), vectors, tuple(float(r) for r in eig.residuals),
+        method, float(tol), eig.converged, eig.iterations, tuple(names), op.num_hvps, seed,
+        obj.info(),
+    )
+
+
+def hessian_frobenius(
+    model,
+    data,
+    loss="cross_entropy",
+    params=None,
+    method: str = "auto",
+    *,
+    probes: int = DEFAULT_PROBES,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device=None,
+    bn: str = "eval",
+) -> FrobeniusResult:
+    """Frobenius norm of the Hessian, :math:`\\|H\\|_F = \\sqrt{\\mathrm{Tr}(H^2)}`.
+
+    ``"exact"`` sums :math:`\\|He_i\\|^2` over all coordinates (one HVP each, batched);
+    ``"hutchinson"`` estimates :math:`\\mathrm{Tr}(H^2) = \\mathbb E\\|Hv\\|^2` with Rademacher
+    probes, the standard error carried to the norm by the delta method; ``"auto"`` is exact up
+    to :data:`AUTO_EXACT_MAX_PARAMS` parameters.
+
+    >>> import torch
+    >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> model = torch.nn.Linear(2, 1, bias=False).double()
+    >>> r = hessian_frobenius(model, (X, torch.zeros(2, 1, dtype=torch.float64)), loss="mse")
+    >>> round(float(r) ** 2, 10)  # 1^2 + 4^2
+    17.0
+    """
+    check_option("method", method, FROBENIUS_METHODS)
+    names = resolve_params(model, params)
+    obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
+    op = HessianOperator(obj, names)
+    if method == "auto":
+        method = "exact" if op.dim <= AUTO_EXACT_MAX_PARAMS else "hutchinson"
+    if method == "exact":
+        total = 0.0
+        for start in range(0, op.dim, 256):
+            stop = min(start + 256, op.dim)
+            E = torch.zeros(stop - start, op.dim, device=op.device, dtype=op.dtype)
+            E[torch.arange(stop - start), torch.arange(start, stop)] = 1
+            total += float(op.matmat(E).pow(2).sum())
+        return FrobeniusResult(math.sqrt(total), 0.0, "exact", tuple(names), op.num_hvps, None,
+                               obj.info())
+    if probes < 2:
+        raise ValueError(f"probes must be at least 2, got {probes}")
+    seed = new_seed() if seed is None else int(seed)
+    gen = torch.Generator(device=op.device).manual_seed(seed)
+    V = torch.randint(0, 2, (probes, op.dim), generator=gen, device=op.device).to(op.dtype) * 2 - 1
+    samples = op.matmat(V).pow(2).sum(dim=1)
+    sq = float(samples.mean())
+    value = math.sqrt(max(sq, 0.0))
+    stderr_sq = float(samples.std() / math.sqrt(probes))
+    stderr = stderr_sq / (2 * value) if value > 0 else float("nan")
+    return FrobeniusResult(value, stderr, "hutchinson", tuple(names), op.num_hvps, seed,
+                           obj.info())

@@ -1,0 +1,282 @@
+"""Relative flatness (Petzka, Kamp, Adilova, Sminchisescu, Boley — NeurIPS 2021).
+
+For a feature layer with weight :math:`W \\in \\mathbb R^{d\\times m}` (rows :math:`w_s`, the
+incoming weights of output neuron s):
+
+.. math::
+
+    \\kappa(W) = \\sum_{s,s'=1}^{d} \\langle w_s, w_{s'}\\rangle\\, \\mathrm{Tr}(H_{s,s'}),
+    \\qquad H_{s,s'} = \\frac{\\partial^2 E}{\\partial w_s\\,\\partial w_{s'}},
+
+i.e. :math:`\\kappa = \\langle WW^\\top, T\\rangle_F` with the d×d matrix of block traces
+:math:`T_{ss'} = \\mathrm{Tr}(H_{s,s'})`. It is the expected second-order loss increase when the
+features are perturbed multiplicatively, :math:`\\phi \\to (I + \\delta A)\\phi`, and is unchanged
+by layer-wise and neuron-wise rescalings (MATH.md §2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..curvature import (
+    HVP_CHUNK,
+    HessianOperator,
+    linear_pullback,
+    new_seed,
+    piecewise_linear_after,
+)
+from ..objective import LOSSES, Objective, ObjectiveInfo, check_option, resolve_layer
+
+__all__ = [
+    "RelativeFlatnessResult",
+    "relative_flatness",
+    "METHODS",
+    "VARIANTS",
+    "NORMALIZATIONS",
+]
+
+METHODS = ("auto", "closed_form", "exact", "hutchinson")
+#: "kappa": the paper's measure; "neuronwise_max": sum_s ||w_s||^2 lambda_max(H_ss)
+VARIANTS = ("kappa", "neuronwise_max")
+#: None: the paper's unnormalized kappa; "m": divided by the number of input features
+NORMALIZATIONS = (None, "m")
+#: with method="auto", exact block traces from HVPs are used up to this many (= d*m) HVPs
+AUTO_EXACT_MAX_HVPS = 4096
+#: default number of Hutchinson probes (each costs d HVPs)
+DEFAULT_PROBES = 64
+
+
+@dataclass(frozen=True)
+class RelativeFlatnessResult:
+    """κ of one Linear layer; ``float(result)`` is κ (÷ m when ``normalize="m"``).
+
+    Attributes:
+        value: κ, the headline number.
+        block_traces: the d×d matrix :math:`T_{ss'} = \\mathrm{Tr}(H_{s,s'})` (an estimate for
+            Hutchinson), as float64 numpy.
+        layer: module name of the feature layer; ``shape`` its weight shape (d, m).
+        method: ``"closed_form"``, ``"exact"`` or ``"hutchinson"``.
+        variant, normalize, normalize_features: the options used.
+        stderr: standard error for Hutchinson, else 0.0.
+        num_hvps: Hessian-vector products used (0 for the closed form).
+        seed: Hutchinson's seed, else None.
+        objective: loss, number of samples, BatchNorm policy, dtype, device.
+    """
+
+    value: float
+    block_traces: np.ndarray = field(repr=False)
+    layer: str
+    shape: tuple[int, int]
+    method: str
+    variant: str
+    normalize: str | None
+    normalize_features: bool
+    stderr: float
+    num_hvps: int
+    seed: int | None
+    objective: ObjectiveInfo
+
+    @property
+    def T(self) -> np.ndarray:
+        """Alias of :attr:`block_traces`."""
+        return self.block_traces
+
+    def __float__(self) -> float:
+        return self.value
+
+
+def _closed_form(obj: Objective, layer: str, want_blocks: bool):
+    """T (d×d) and, if wanted, the diagonal blocks H_ss (d×m×m) from the Gauss-Newton
+    pull-back: :math:`T = \\frac1N\\sum_n \\|\\phi_n\\|^2 \\Delta_n\\Delta_n^\\top`."""
+    T = blocks = None
+    for batch in linear_pullback(obj, [layer]):
+        phi, delta = batch[layer]
+        t = torch.einsum("n,cns,cnt->st", phi.pow(2).sum(dim=1), delta, delta)
+        T = t if T is None else T + t
+        if want_blocks:
+            b = torch.einsum("ns,nk,nl->skl", delta.pow(2).sum(dim=0), phi, phi)
+            blocks = b if blocks is None else blocks + b
+    N = obj.num_samples
+    return T / N, (blocks / N if want_blocks else None)
+
+
+def _exact(op: HessianOperator, d: int, m: int, want_blocks: bool):
+    """T and diagonal blocks from the d·m HVPs with unit vectors :math:`e_{s',k}`:
+    :math:`T_{s s'} = \\sum_k (H e_{s',k})_{s,k}`, :math:`(H_{ss})_{kl} = (H e_{s,l})_{s,k}`."""
+    T = torch.zeros(d, d, dtype=op.dtype, device=op.device)
+    blocks = torch.zeros(d, m, m, dtype=op.dtype, device=op.device) if want_blocks else None
+    total = d * m
+    for start in range(0, total, HVP_CHUNK):
+        idx = torch.arange(start, min(start + HVP_CHUNK, total), device=op.device)
+        E = torch.zeros(len(idx), total, dtype=op.dtype, device=op.device)
+        E[torch.arange(len(idx)), idx] = 1
+        HE = op.matmat(E).reshape(len(idx), d, m)  # HE[j, s, k] = (H e_{s'_j, k_j})_{s,k}
+        s_col, k_col = idx // m, idx % m
+        T.index_add_(1, s_col, HE[torch.arange(len(idx)), :, k_col].T)  # repeats accumulate
+        if want_blocks:
+            blocks[s_col, :, k_col] = HE[torch.arange(len(idx)), s_col, :]
+    return T, blocks
+
+
+def _hutchinson(op: HessianOperator, d: int, m: int, probes: int, seed: int, M: torch.Tensor):
+    """T estimated with probes shared across rows: for Rademacher :math:`z \\in \\mathbb R^m`,
+    :math:`\\mathbb E[(e_s\\otimes z)^\\top H (e_{s'}\\otimes z)] = \\mathrm{Tr}(H_{s,s'})`;
+    each probe costs d HVPs. Returns T̂ and the standard error of κ̂ over probes."""
+    gen = torch.Generator(device=op.device).manual_seed(seed)
+    eye = torch.eye(d, dtype=op.dtype, device=op.device)
+    estimates = []
+    for _ in range(probes):
+        z = torch.randint(0, 2, (m,), generator=gen, device=op.device).to(op.dtype) * 2 - 1
+        V = (eye[:, :, None] * z).reshape(d, d * m)  # row s' = e_{s'} ⊗ z
+        R = op.matmat(V).reshape(d, d, m)  # R[s', s, k]
+        estimates.append((R @ z).T)  # [s, s']
+    Ts = torch.stack(estimates)
+    kappas = (Ts * M).sum(dim=(1, 2))
+    stderr = float(kappas.std() / math.sqrt(probes)) if probes > 1 else float("nan")
+    return Ts.mean(dim=0), stderr
+
+
+def _is_output_layer(obj: Objective, layer: str) -> bool:
+    X = obj.batches[0][0][:1]
+    with torch.no_grad(), obj.capture([layer]) as cap:
+        out = obj.forward({}, X)
+    return cap[layer]["z"] is out
+
+
+def relative_flatness(
+    model: nn.Module,
+    data,
+    layer: str,
+    loss="cross_entropy",
+    method: str = "auto",
+    *,
+    variant: str = "kappa",
+    normalize: str | None = None,
+    normalize_features: bool = False,
+    probes: int = DEFAULT_PROBES,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device=None,
+    bn: str = "eval",
+) -> RelativeFlatnessResult:
+    """Relative flatness κ of the ``nn.Linear`` layer ``layer`` (Petzka et al. 2021).
+
+    .. math::
+
+        \\kappa(W) = \\sum_{s,s'} \\langle w_s, w_{s'}\\rangle\\,\\mathrm{Tr}(H_{s,s'})
+
+    With cross-entropy on the last layer :math:`\\kappa = \\frac1N\\sum_n \\|\\phi_n\\|^2
+    \\mathrm{Var}_{i\\sim p_n}(w_i)` (MATH.md §1).
+
+    Methods:
+        * ``"closed_form"``: cross-entropy or MSE when the layer is the model's output layer or
+          only piecewise-linear modules follow it in an ``nn.Sequential`` (ReLU, LeakyReLU,
+          pooling, Linear, ...): then the layer's Hessian equals its Gauss-Newton block and T
+          costs one forward and C batched backward passes, no HVP.
+        * ``"exact"``: T from the d·m Hessian-vector products :math:`He_{s,k}` — any loss, any
+          Linear layer.
+        * ``"hutchinson"``: T estimated from ``probes`` probes shared across rows (d HVPs each),
+          with a standard error — for wide layers.
+        * ``"auto"``: closed form where it is exact, else exact up to
+          :data:`AUTO_EXACT_MAX_HVPS` HVPs, else Hutchinson.
+
+    Args:
+        model: the network (never modified).
+        data: ``(X, y)`` or an iterable of batches.
+        layer: module name of an ``nn.Linear`` layer (e.g. ``"4"``). Conv layers are refused:
+            relative flatness here is defined for Linear feature layers.
+        loss: ``"cross_entropy"``, ``"mse"`` or a callable.
+        method: see above.
+        variant: ``"kappa"`` (default, the paper's measure) or ``"neuronwise_max"``:
+            :math:`\\sum_s \\|w_s\\|^2 \\lambda_{\\max}(H_{s,s})` (not available with Hutchinson).
+        normalize: ``None`` (the paper's κ) or ``"m"`` (divide by the number of inputs m).
+        normalize_features: first bring the model to the std canonical form of MATH.md §2
+            (:func:`famviz.reparam.normalize_features` on ``data``), which makes κ equal for
+            networks that differ by a rescaling of the neurons below the layer.
+        probes: Hutchinson probes.
+        seed: Hutchinson's seed (drawn and recorded if None).
+        dtype, device, bn: evaluation dtype (float64 for exactness), device, BatchNorm policy.
+
+    Example (MATH.md §1, one sample, φ = [1, 0], W = [[2, 0], [0, 0]]: κ = 4σ(2)(1 − σ(2))):
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False)).double()
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 0.0]]))
+    >>> data = (torch.tensor([[1.0, 0.0]], dtype=torch.float64), torch.tensor([0]))
+    >>> r = relative_flatness(model, data, layer="0")
+    >>> round(float(r), 8), r.method
+    (0.41997434, 'closed_form')
+    """
+    check_option("method", method, METHODS)
+    check_option("variant", variant, VARIANTS)
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalize {normalize!r}; valid: None, 'm'")
+    module = resolve_layer(model, layer, (nn.Linear,))
+    if normalize_features:
+        from ..reparam import normalize_features as _canonical
+
+        model = _canonical(model, layer, data)
+    obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
+    d, m = module.weight.shape
+    want_blocks = variant == "neuronwise_max"
+
+    closed_ok = obj.loss_name in LOSSES and (
+        piecewise_linear_after(model, layer, bn) or _is_output_layer(obj, layer)
+    )
+    if method == "closed_form" and not closed_ok:
+        raise ValueError(
+            f"no closed form for layer {layer!r} here: it needs loss 'cross_entropy' or 'mse' "
+            "and the layer to be the output layer or followed only by piecewise-linear modules "
+            "in an nn.Sequential; use method='exact' or 'hutchinson'"
+        )
+    if method == "auto":
+        method = ("closed_form" if closed_ok
+                  else "exact" if d * m <= AUTO_EXACT_MAX_HVPS else "hutchinson")
+    if method == "hutchinson" and want_blocks:
+        raise ValueError("variant='neuronwise_max' needs the diagonal blocks H_ss: use method "
+                         "'closed_form' or 'exact'")
+
+    W = obj.params[f"{layer}.weight"]
+    M = W @ W.T
+    stderr, num_hvps, used_seed = 0.0, 0, None
+    if method == "closed_form":
+        T, blocks = _closed_form(obj, layer, want_blocks)
+    else:
+        op = HessianOperator(obj, [f"{layer}.weight"])
+        if method == "exact":
+            T, blocks = _exact(op, d, m, want_blocks)
+        else:
+            if probes < 1:
+                raise ValueError(f"probes must be >= 1, got {probes}")
+            used_seed = new_seed() if seed is None else int(seed)
+            T, stderr = _hutchinson(op, d, m, probes, used_seed, M)
+            blocks = None
+        num_hvps = op.num_hvps
+    T = (T + T.T) / 2
+
+    if variant == "kappa":
+        value = float((M * T).sum())
+    else:
+        value = float((W.pow(2).sum(dim=1) * torch.linalg.eigvalsh(blocks)[:, -1]).sum())
+    if normalize == "m":
+        value, stderr = value / m, stderr / m
+    return RelativeFlatnessResult(
+        value=value,
+        block_traces=T.detach().cpu().double().numpy(),
+        layer=layer,
+        shape=(d, m),
+        method=method,
+        variant=variant,
+        normalize=normalize,
+        normalize_features=bool(normalize_features),
+        stderr=stderr,
+        num_hvps=num_hvps,
+        seed=used_seed,
+        objective=obj.info(),
+    )

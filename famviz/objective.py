@@ -1,0 +1,377 @@
+"""The objective every measure differentiates: model + loss + data -> E(params).
+
+:class:`Objective` evaluates the mean loss over *all* samples of ``data`` at any name-keyed
+parameter dict through :func:`torch.func.functional_call`, so the caller's model is never
+touched: its weights, ``.grad``, ``requires_grad`` flags and train/eval modes are exactly as
+they were afterwards.
+
+Conventions (DESIGN.md):
+
+* ``data`` is a tuple ``(X, y)`` of tensors (or arrays), or an iterable of ``(X, y)`` batches such
+  as a ``DataLoader``. An iterable is read once and its batches are kept, so every evaluation
+  (e.g. each Hessian-vector product of a power iteration) sees the same data. The loss is the
+  mean over all samples: batch losses weighted by batch size.
+* ``loss`` is ``"cross_entropy"`` or ``"mse"`` (``torch.nn.functional`` semantics,
+  ``reduction="mean"``) or a callable ``(output, target) -> scalar`` that averages over its batch.
+* BatchNorm is evaluated in eval mode (running statistics) by default, ``bn="train"`` uses batch
+  statistics; dropout is always off. The policy is recorded in every result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = [
+    "LOSSES",
+    "BN_POLICIES",
+    "Objective",
+    "as_batches",
+    "check_option",
+    "resolve_layer",
+    "resolve_params",
+]
+
+#: named losses; anything else must be a callable
+LOSSES = ("cross_entropy", "mse")
+#: how BatchNorm layers are evaluated
+BN_POLICIES = ("eval", "train")
+
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
+
+
+def check_option(name: str, value, valid: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``valid``, else raise a ValueError listing them."""
+    if not isinstance(value, str) or value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(repr, valid))}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def _to_tensor(a, what: str) -> Tensor:
+    if isinstance(a, Tensor):
+        return a
+    try:
+        return torch.as_tensor(a)
+    except Exception as exc:  # pragma: no cover - message only
+        raise TypeError(f"{what} must be a tensor or array, got {type(a).__name__}") from exc
+
+
+def _is_single_batch(data) -> bool:
+    # (X, y) with X a tensor/array; a list of batches holds pairs, which have no shape
+    return isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape")
+
+
+def as_batches(
+    data,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """Normalize ``data`` to a list of ``(X, y)`` batches, cast and checked.
+
+    Floating-point inputs (and floating targets) are cast to ``dtype``; integer targets are kept.
+
+    Raises:
+        ValueError: empty data, a batch whose X and y lengths differ, or NaN/inf in X or y.
+        TypeError: something that is neither ``(X, y)`` nor an iterable of ``(X, y)``.
+    """
+    if data is None:
+        raise TypeError("data must be (X, y) or an iterable of (X, y) batches, got None")
+    if _is_single_batch(data):
+        raw: Iterable = [tuple(data)]
+    elif isinstance(data, Iterable):
+        raw = data
+    else:
+        raise TypeError(
+            f"data must be (X, y) or an iterable of (X, y) batches, got {type(data).__name__}"
+        )
+    batches = []
+    for i, batch in enumerate(raw):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(
+                f"batch {i} of data is {type(batch).__name__}; each batch must be a pair (X, y)"
+            )
+        X, y = _to_tensor(batch[0], "X"), _to_tensor(batch[1], "y")
+        if X.ndim == 0 or y.ndim == 0 or len(X) != len(y):
+            raise ValueError(
+                f"batch {i}: X has shape {tuple(X.shape)} but y has shape {tuple(y.shape)}; "
+                "they need the same number of samples along the first axis"
+            )
+        if len(X) == 0:
+            continue
+        if X.is_floating_point():
+            X = X.to(device=device, dtype=dtype)
+            if not torch.isfinite(X).all():
+                raise ValueError(f"batch {i}: X contains NaN or inf; clean the data first")
+        else:
+            X = X.to(device=device)
+        if y.is_floating_point():
+            y = y.to(device=device, dtype=dtype)
+            if not torch.isfinite(y).all():
+                raise ValueError(f"batch {i}: y contains NaN or inf; clean the data first")
+        else:
+            y = y.to(device=device)
+        batches.append((X, y))
+    if not batches:
+        raise ValueError("data is empty: it holds no samples")
+    return batches
+
+
+# ----------------------------------------------------------------------------------------- loss
+
+
+def _cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+    if output.ndim != 2:
+        raise ValueError(
+            f"cross_entropy needs model outputs of shape (N, classes), got {tuple(output.shape)}"
+        )
+    if target.is_floating_point():
+        if target.shape != output.shape:
+            raise ValueError(
+                f"cross_entropy with probability targets needs targets of the output's shape "
+                f"{tuple(output.shape)}, got {tuple(target.shape)}"
+            )
+    else:
+        if target.shape != output.shape[:1]:
+            raise ValueError(
+                f"cross_entropy needs class-index targets of shape ({output.shape[0]},), "
+                f"got {tuple(target.shape)}"
+            )
+        lo, hi = int(target.min()), int(target.max())
+        if lo < 0 or hi >= output.shape[1]:
+            raise ValueError(
+                f"targets range over [{lo}, {hi}] but the model has {output.shape[1]} outputs"
+            )
+    return F.cross_entropy(output, target)
+
+
+def _mse(output: Tensor, target: Tensor) -> Tensor:
+    if output.shape != target.shape:
+        raise ValueError(
+            f"mse needs targets of the output's shape {tuple(output.shape)}, got "
+            f"{tuple(target.shape)} (reshape y, e.g. y[:, None], or one-hot encode class labels)"
+        )
+    return F.mse_loss(output, target.to(output.dtype))
+
+
+def resolve_loss(loss) -> tuple[str, Callable[[Tensor, Tensor], Tensor]]:
+    """Return ``(name, fn)`` for a loss given by name or as a callable."""
+    if callable(loss):
+        return getattr(loss, "__name__", "callable"), loss
+    check_option("loss", loss, LOSSES)
+    return loss, {"cross_entropy": _cross_entropy, "mse": _mse}[loss]
+
+
+# ---------------------------------------------------------------------------- names and layers
+
+
+def resolve_layer(model: nn.Module, layer: str, types: tuple[type, ...] = (nn.Linear,)) -> nn.Module:
+    """The submodule called ``layer``; it must be an instance of one of ``types``.
+
+    Raises:
+        TypeError: ``layer`` is not a string (layers are chosen by name, never by position).
+        ValueError: no such module (the message lists the valid names) or the wrong type.
+    """
+    valid = [n for n, m in model.named_modules() if n and isinstance(m, types)]
+    kinds = "/".join(t.__name__ for t in types)
+    if not isinstance(layer, str):
+        raise TypeError(
+            f"layer must be a module name (str) such as {valid[:3]}, got {type(layer).__name__}"
+        )
+    modules = dict(model.named_modules())
+    if layer not in modules or not layer:
+        raise ValueError(f"unknown layer {layer!r}; {kinds} layers of this model: {valid}")
+    module = modules[layer]
+    if not isinstance(module, types):
+        raise ValueError(
+            f"layer {layer!r} is {type(module).__name__}; only {kinds} layers are supported "
+            f"here. {kinds} layers of this model: {valid}"
+        )
+    return module
+
+
+def resolve_params(model: nn.Module, params=None) -> list[str]:
+    """Parameter names selected by ``params``.
+
+    ``None`` selects every parameter; a string selects a parameter by name (``"2.weight"``) or
+    all parameters of a module (``"2"``); a list selects the union, in model order.
+    """
+    all_names = [n for n, _ in model.named_parameters()]
+    if params is None:
+        return all_names
+    wanted = [params] if isinstance(params, str) else list(params)
+    if not wanted:
+        raise ValueError("params is empty; pass None for all parameters")
+    modules = dict(model.named_modules())
+    chosen: set[str] = set()
+    for w in wanted:
+        if not isinstance(w, str):
+            raise TypeError(f"params must hold names (str), got {type(w).__name__}")
+        if w in all_names:
+            chosen.add(w)
+        elif w in modules and w:
+            names = [f"{w}.{n}" for n, _ in modules[w].named_parameters()]
+            if not names:
+                raise ValueError(f"module {w!r} has no parameters")
+            chosen.update(names)
+        else:
+            layers = sorted({n.rsplit(".", 1)[0] for n in all_names if "." in n})
+            raise ValueError(
+                f"unknown parameter or layer {w!r}; layers: {layers}; parameters: {all_names}"
+            )
+    return [n for n in all_names if n in chosen]
+
+
+# ------------------------------------------------------------------------------------ objective
+
+
+@dataclass(frozen=True)
+class ObjectiveInfo:
+    """What an objective was: recorded in every result."""
+
+    loss: str
+    num_samples: int
+    bn: str
+    dtype: str
+    device: str
+
+
+class Objective:
+    """Mean loss of ``model`` over ``data``, as a function of name-keyed parameters.
+
+    Args:
+        model: any ``nn.Module``; never modified.
+        data: ``(X, y)`` or an iterable of ``(X, y)`` batches.
+        loss: ``"cross_entropy"``, ``"mse"`` or a callable ``(output, target) -> scalar``.
+        dtype: evaluate in this floating dtype (e.g. ``torch.float64`` for exactness);
+            default: the model's parameter dtype.
+        device: default: the model's parameter device.
+        bn: ``"eval"`` (running statistics, default) or ``"train"`` (batch statistics).
+
+    Attributes:
+        params: detached copies of the model's parameters (cast), keyed like
+            ``named_parameters()``.
+        buffers: copies of the model's buffers (cast where floating).
+        batches: the data, as a list of ``(X, y)`` on ``device``.
+        num_samples: N, the number of samples.
+    """
+
+    def __init__(self, model: nn.Module, data, loss="cross_entropy", *, dtype=None, device=None,
+                 bn: str = "eval"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_option("bn", bn, BN_POLICIES)
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            raise ValueError("the model has no parameters")
+        if dtype is None:
+            dtype = first.dtype
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype
+        self.model = model
+        self.bn = bn
+        self.loss_name, self.loss_fn = resolve_loss(loss)
+        self.params: dict[str, Tensor] = {}
+        for name, p in model.named_parameters():
+            t = p.detach().to(
+                device=self.device, dtype=dtype if p.is_floating_point() else None, copy=True
+            )
+            if not torch.isfinite(t).all():
+                raise ValueError(f"parameter {name!r} contains NaN or inf")
+            self.params[name] = t
+        self.buffers: dict[str, Tensor] = {
+            name: b.detach().to(
+                device=self.device, dtype=dtype if b.is_floating_point() else None, copy=True
+            )
+            for name, b in model.named_buffers()
+        }
+        self.batches = as_batches(data, dtype=dtype, device=self.device)
+        self.num_samples = sum(len(X) for X, _ in self.batches)
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def modes(self) -> Iterator[None]:
+        """Temporarily put the model in the evaluation mode of the BN policy; restore after."""
+        saved = [(m, m.training) for m in self.model.modules()]
+        try:
+            for m, _ in saved:
+                m.training = self.bn == "train" and isinstance(m, _BATCHNORM)
+            yield
+        finally:
+            for m, mode in saved:
+                m.training = mode
+
+    def forward(self, params: dict[str, Tensor], X: Tensor) -> Tensor:
+        """Model output at ``params`` (merged over the stored parameters) for inputs ``X``."""
+        merged = {**self.params, **params}
+        with self.modes():
+            # buffers are our copies: BatchNorm in train mode may update them, the caller's never
+            return functional_call(self.model, (merged, self.buffers), (X,))
+
+    def batch_loss(self, params: dict[str, Tensor], X: Tensor, y: Tensor) -> Tensor:
+        out = self.forward(params, X)
+        value = self.loss_fn(out, y)
+        if not isinstance(value, Tensor) or value.ndim != 0:
+            raise ValueError("the loss must return a scalar tensor (use reduction='mean')")
+        return value
+
+    def loss(self, params: dict[str, Tensor] | None = None) -> Tensor:
+        """E(params): the mean loss over all samples (batch losses weighted by batch size)."""
+        params = self.params if params is None else params
+        total = None
+        for X, y in self.batches:
+            term = self.batch_loss(params, X, y) * (len(X) / self.num_samples)
+            total = term if total is None else total + term
+        return total
+
+    def info(self) -> ObjectiveInfo:
+        return ObjectiveInfo(
+            loss=self.loss_name,
+            num_samples=self.num_samples,
+            bn=self.bn,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+        )
+
+    # -- layer features -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def capture(self, layers: Sequence[str]) -> Iterator[dict[str, dict[str, Tensor]]]:
+        """Record each named layer's input ``phi`` and output ``z`` during forward passes.
+
+        The output is replaced by a tensor that autograd can differentiate with respect to, so
+        ``torch.autograd.grad(out, captured[layer]["z"], ...)`` backpropagates to the layer's
+        outputs. Hooks are removed afterwards, whatever happens.
+        """
+        modules = dict(self.model.named_modules())
+        captured: dict[str, dict[str, Tensor]] = {name: {} for name in layers}
+        handles = []
+
+        def make_hook(name):
+            def hook(module, inputs, output):
+                z = output if output.requires_grad else output.detach().requires_grad_(True)
+                captured[name]["phi"] = inputs[0]
+                captured[name]["z"] = z
+                return z
+
+            return hook
+
+        try:
+            for name in layers:
+                handles.append(modules[name].register_forward_hook(make_hook(name)))
+            yield captured
+        finally:
+            for h in handles:
+                h.remove()
