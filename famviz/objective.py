@@ -129,49 +129,66 @@ def as_batches(
 # ----------------------------------------------------------------------------------------- loss
 
 
-def _cross_entropy(output: Tensor, target: Tensor) -> Tensor:
-    if output.ndim != 2:
-        raise ValueError(
-            f"cross_entropy needs model outputs of shape (N, classes), got {tuple(output.shape)}"
-        )
-    if target.is_floating_point():
-        if target.shape != output.shape:
+def check_targets(loss_name: str, output_shape: tuple[int, ...], y: Tensor) -> None:
+    """Raise a ValueError when targets ``y`` do not fit outputs of ``output_shape`` (N, ...)."""
+    n = len(y)
+    if loss_name == "cross_entropy":
+        if len(output_shape) != 2:
             raise ValueError(
-                f"cross_entropy with probability targets needs targets of the output's shape "
-                f"{tuple(output.shape)}, got {tuple(target.shape)}"
+                f"cross_entropy needs model outputs of shape (N, classes), got {output_shape}"
             )
-    else:
-        if target.shape != output.shape[:1]:
+        classes = output_shape[1]
+        if y.is_floating_point():
+            if tuple(y.shape) != (n, classes):
+                raise ValueError(
+                    f"cross_entropy with probability targets needs targets of shape "
+                    f"({n}, {classes}), got {tuple(y.shape)}"
+                )
+        else:
+            if y.ndim != 1:
+                raise ValueError(
+                    f"cross_entropy needs class-index targets of shape ({n},), "
+                    f"got {tuple(y.shape)}"
+                )
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= classes:
+                raise ValueError(
+                    f"targets range over [{lo}, {hi}] but the model has {classes} outputs"
+                )
+    elif loss_name == "mse":
+        if tuple(y.shape) != (n, *output_shape[1:]):
             raise ValueError(
-                f"cross_entropy needs class-index targets of shape ({output.shape[0]},), "
-                f"got {tuple(target.shape)}"
+                f"mse needs targets of the output's shape {(n, *output_shape[1:])}, got "
+                f"{tuple(y.shape)} (reshape y, e.g. y[:, None], or one-hot encode class labels)"
             )
-        lo, hi = int(target.min()), int(target.max())
-        if lo < 0 or hi >= output.shape[1]:
-            raise ValueError(
-                f"targets range over [{lo}, {hi}] but the model has {output.shape[1]} outputs"
-            )
-    return F.cross_entropy(output, target)
 
 
 def _mse(output: Tensor, target: Tensor) -> Tensor:
-    if output.shape != target.shape:
-        raise ValueError(
-            f"mse needs targets of the output's shape {tuple(output.shape)}, got "
-            f"{tuple(target.shape)} (reshape y, e.g. y[:, None], or one-hot encode class labels)"
-        )
     return F.mse_loss(output, target.to(output.dtype))
 
 
+def _no_loss(output: Tensor, target: Tensor) -> Tensor:
+    raise ValueError("this objective was built with loss=None: it evaluates outputs only")
+
+
 def resolve_loss(loss) -> tuple[str, Callable[[Tensor, Tensor], Tensor]]:
-    """Return ``(name, fn)`` for a loss given by name or as a callable."""
+    """Return ``(name, fn)`` for a loss given by name or as a callable; ``None`` gives an
+    objective for forward evaluations only (targets are neither checked nor used)."""
+    if loss is None:
+        return "none", _no_loss
     if callable(loss):
         return getattr(loss, "__name__", "callable"), loss
     check_option("loss", loss, LOSSES)
-    return loss, {"cross_entropy": _cross_entropy, "mse": _mse}[loss]
+    return loss, {"cross_entropy": F.cross_entropy, "mse": _mse}[loss]
 
 
 # ---------------------------------------------------------------------------- names and layers
+
+
+def check_model(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
 
 
 def resolve_layer(model: nn.Module, layer: str, types: tuple[type, ...] = (nn.Linear,)) -> nn.Module:
@@ -181,6 +198,7 @@ def resolve_layer(model: nn.Module, layer: str, types: tuple[type, ...] = (nn.Li
         TypeError: ``layer`` is not a string (layers are chosen by name, never by position).
         ValueError: no such module (the message lists the valid names) or the wrong type.
     """
+    check_model(model)
     valid = [n for n, m in model.named_modules() if n and isinstance(m, types)]
     kinds = "/".join(t.__name__ for t in types)
     if not isinstance(layer, str):
@@ -205,7 +223,7 @@ def resolve_params(model: nn.Module, params=None) -> list[str]:
     ``None`` selects every parameter; a string selects a parameter by name (``"2.weight"``) or
     all parameters of a module (``"2"``); a list selects the union, in model order.
     """
-    all_names = [n for n, _ in model.named_parameters()]
+    all_names = [n for n, _ in check_model(model).named_parameters()]
     if params is None:
         return all_names
     wanted = [params] if isinstance(params, str) else list(params)
@@ -251,7 +269,8 @@ class Objective:
     Args:
         model: any ``nn.Module``; never modified.
         data: ``(X, y)`` or an iterable of ``(X, y)`` batches.
-        loss: ``"cross_entropy"``, ``"mse"`` or a callable ``(output, target) -> scalar``.
+        loss: ``"cross_entropy"``, ``"mse"`` or a callable ``(output, target) -> scalar``;
+            ``None`` for forward evaluations only (features, outputs).
         dtype: evaluate in this floating dtype (e.g. ``torch.float64`` for exactness);
             default: the model's parameter dtype.
         device: default: the model's parameter device.
@@ -267,8 +286,7 @@ class Objective:
 
     def __init__(self, model: nn.Module, data, loss="cross_entropy", *, dtype=None, device=None,
                  bn: str = "eval"):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_model(model)
         check_option("bn", bn, BN_POLICIES)
         first = next(iter(model.parameters()), None)
         if first is None:
@@ -298,25 +316,43 @@ class Objective:
         }
         self.batches = as_batches(data, dtype=dtype, device=self.device)
         self.num_samples = sum(len(X) for X, _ in self.batches)
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """Fail early, with a clear message, on inputs the model cannot take or targets that do
+        not fit its outputs (one forward pass on a single sample)."""
+        X0 = self.batches[0][0][:1]
+        try:
+            with torch.no_grad():
+                out = self.forward({}, X0, bn="eval")  # shapes only: BatchNorm may see 1 sample
+        except RuntimeError as exc:
+            raise ValueError(
+                f"the model cannot evaluate inputs of shape {tuple(X0.shape[1:])} "
+                f"(per sample): {exc}"
+            ) from exc
+        for X, y in self.batches:
+            check_targets(self.loss_name, tuple(out.shape), y)
 
     # -- evaluation ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def modes(self) -> Iterator[None]:
-        """Temporarily put the model in the evaluation mode of the BN policy; restore after."""
+    def modes(self, bn: str | None = None) -> Iterator[None]:
+        """Temporarily put the model in the evaluation mode of the BN policy (``bn``, default
+        the objective's); restore the caller's modes afterwards."""
+        bn = self.bn if bn is None else bn
         saved = [(m, m.training) for m in self.model.modules()]
         try:
             for m, _ in saved:
-                m.training = self.bn == "train" and isinstance(m, _BATCHNORM)
+                m.training = bn == "train" and isinstance(m, _BATCHNORM)
             yield
         finally:
             for m, mode in saved:
                 m.training = mode
 
-    def forward(self, params: dict[str, Tensor], X: Tensor) -> Tensor:
+    def forward(self, params: dict[str, Tensor], X: Tensor, bn: str | None = None) -> Tensor:
         """Model output at ``params`` (merged over the stored parameters) for inputs ``X``."""
         merged = {**self.params, **params}
-        with self.modes():
+        with self.modes(bn):
             # buffers are our copies: BatchNorm in train mode may update them, the caller's never
             return functional_call(self.model, (merged, self.buffers), (X,))
 

@@ -548,7 +548,7 @@ def feature_std(model: nn.Module, layer: str, data) -> Tensor:
     [1.0, 0.0]
     """
     mod = resolve_layer(model, layer, (nn.Linear,))
-    obj = Objective(model, data, dtype=torch.float64)
+    obj = Objective(model, data, loss=None, dtype=torch.float64)
     width = mod.in_features
     count = 0
     mean = torch.zeros(width, dtype=torch.float64, device=obj.device)

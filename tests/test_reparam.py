@@ -154,15 +154,6 @@ PAIRS = [
 OUTPUT_LAYER = {"mlp_relu": "4", "mlp_leaky": "4", "fnet": "out", "cnn": "fc2"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls run ~100x slower with intra-op threads on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def digits_data():
     (X, y), _ = digits(test_size=0.25, seed=0)

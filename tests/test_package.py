@@ -1,0 +1,61 @@
+"""Packaging: the import layers, the public names, and environment.yml agreeing with
+pyproject.toml."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+import famviz as fv
+
+ROOT = Path(__file__).resolve().parents[1]
+# conda-forge names of the PyPI packages that are named differently there
+CONDA_NAMES = {"torch": "pytorch"}
+
+
+def test_core_imports_neither_plotly_nor_ipywidgets():
+    code = (
+        "import sys, famviz, famviz.measures, famviz.reparam, famviz.oracles; "
+        "bad = [m for m in ('plotly', 'ipywidgets', 'anywidget') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_public_api_names_exist():
+    for name in fv.__all__:
+        assert hasattr(fv, name), name
+    for name in ("relative_flatness", "hessian_trace", "hessian_top_eigenvalue"):
+        assert callable(getattr(fv, name))
+    for name in ("scale_layers", "scale_neurons", "shift_logits", "normalize_features",
+                 "max_output_change"):
+        assert callable(getattr(fv.reparam, name))
+
+
+def _split_requirement(req: str) -> tuple[str, str]:
+    m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*(.*?)\s*", req)
+    assert m, req
+    return m.group(1).lower(), m.group(2).replace(" ", "")
+
+
+def test_environment_yml_matches_pyproject():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["channels"][0] == "conda-forge"
+    deps = env["dependencies"]
+    conda = dict(_split_requirement(d) for d in deps if isinstance(d, str))
+    pip_sections = [d["pip"] for d in deps if isinstance(d, dict) and "pip" in d]
+    assert len(pip_sections) == 1 and any(
+        re.fullmatch(r"-e\s+\.(\[.*\])?", line) for line in pip_sections[0]
+    ), "environment.yml must install the project itself with pip"
+    assert "python" in conda and "pip" in conda
+    wanted = {}
+    for req in pyproject["project"]["dependencies"]:
+        name, spec = _split_requirement(req)
+        wanted[CONDA_NAMES.get(name, name)] = spec
+    got = {k: v for k, v in conda.items() if k not in ("python", "pip")}
+    assert got == wanted
+    assert conda["python"] == pyproject["project"]["requires-python"]
