@@ -59,3 +59,23 @@ def test_environment_yml_matches_pyproject():
     got = {k: v for k, v in conda.items() if k not in ("python", "pip")}
     assert got == wanted
     assert conda["python"] == pyproject["project"]["requires-python"]
+
+
+def test_readme_example_runs():
+    """The README's Python example is executed, so it stays true."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python example"
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    kappa = namespace["kappa"]
+    rescaled = namespace["fv"].relative_flatness(namespace["same_function"],
+                                                 (namespace["X"], namespace["y"]), layer="4")
+    assert abs(float(rescaled) - float(kappa)) <= 1e-4 * float(kappa)
+
+
+def test_readme_quick_start_has_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    assert "make lab" in text and "make test" in text
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
