@@ -28,8 +28,11 @@ $(STAMP): pyproject.toml $(PIN)
 
 install: $(STAMP)
 
+# JupyterLab refuses to run as root unless told to (containers, CI machines)
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True)
+
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
 
 # unit tests, doctests and the tutorials (each notebook run in a fresh kernel by nbmake);
 # pytest's exit code 5 ("no tests collected") is not a failure

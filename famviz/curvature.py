@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +44,10 @@ __all__ = [
     "linear_pullback",
     "loss_hessian_factor",
     "piecewise_linear_after",
+    "piecewise_linear_stack",
     "new_seed",
+    "generator",
+    "rademacher",
 ]
 
 #: largest batch of vectors pushed through one batched HVP (bounds memory)
@@ -71,7 +74,7 @@ def new_seed() -> int:
     return secrets.randbits(62)
 
 
-def _generator(seed: int, device: torch.device) -> torch.Generator:
+def generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
@@ -179,28 +182,30 @@ class HessianOperator:
             out.append(torch.cat([p.reshape(chunk.shape[0], -1) for p in parts], dim=1))
         return torch.cat(out)
 
+    def columns(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(idx, H[idx])``: chunks of Hessian rows (= columns) from HVPs with the unit
+        vectors ``e_idx``, so callers can reduce them without holding the dense matrix."""
+        for start in range(0, self.dim, HVP_CHUNK):
+            idx = torch.arange(start, min(start + HVP_CHUNK, self.dim), device=self.device)
+            E = torch.zeros(len(idx), self.dim, device=self.device, dtype=self.dtype)
+            E[torch.arange(len(idx), device=self.device), idx] = 1
+            yield idx, self.matmat(E)
+
     def dense(self) -> Tensor:
         """The full (dim, dim) Hessian from ``dim`` HVPs; for small parameter blocks."""
-        eye = torch.eye(self.dim, device=self.device, dtype=self.dtype)
-        H = self.matmat(eye)
+        H = torch.cat([rows for _, rows in self.columns()])
         return (H + H.T) / 2
 
     def diagonal(self) -> Tensor:
         """The exact diagonal from ``dim`` HVPs with unit vectors (chunked)."""
-        diag = torch.empty(self.dim, device=self.device, dtype=self.dtype)
-        for start in range(0, self.dim, HVP_CHUNK):
-            stop = min(start + HVP_CHUNK, self.dim)
-            E = torch.zeros(stop - start, self.dim, device=self.device, dtype=self.dtype)
-            idx = torch.arange(stop - start, device=self.device)
-            E[idx, start + idx] = 1
-            diag[start:stop] = self.matmat(E)[idx, start + idx]
-        return diag
+        return torch.cat([rows[torch.arange(len(idx)), idx] for idx, rows in self.columns()])
 
 
 # ------------------------------------------------------------------------- trace estimators
 
 
-def _rademacher(shape, gen: torch.Generator, device, dtype) -> Tensor:
+def rademacher(shape, gen: torch.Generator, device, dtype) -> Tensor:
+    """Random signs ±1 drawn from ``gen``."""
     return torch.randint(0, 2, shape, generator=gen, device=device).to(dtype) * 2 - 1
 
 
@@ -216,8 +221,8 @@ def hutchinson_trace(op: HessianOperator, probes: int, seed: int) -> Estimate:
     with Rademacher probes; the standard error is the sample std over probes / sqrt(K)."""
     if probes < 2:
         raise ValueError(f"probes must be at least 2 (for a standard error), got {probes}")
-    gen = _generator(seed, op.device)
-    V = _rademacher((probes, op.dim), gen, op.device, op.dtype)
+    gen = generator(seed, op.device)
+    V = rademacher((probes, op.dim), gen, op.device, op.dtype)
     samples = (V * op.matmat(V)).sum(dim=1)
     return Estimate(float(samples.mean()), float(samples.std() / math.sqrt(probes)), probes)
 
@@ -234,11 +239,11 @@ def hutchpp_trace(op: HessianOperator, hvps: int, seed: int) -> Estimate:
         raise ValueError(f"Hutch++ needs a budget of at least 6 HVPs, got {hvps}")
     k = min(hvps // 3, op.dim)
     m = hvps - 2 * k
-    gen = _generator(seed, op.device)
-    S = _rademacher((k, op.dim), gen, op.device, op.dtype)
+    gen = generator(seed, op.device)
+    S = rademacher((k, op.dim), gen, op.device, op.dtype)
     Q, _ = torch.linalg.qr(op.matmat(S).T)  # (dim, k), orthonormal columns
     top = float(torch.einsum("ik,ki->", Q.T, op.matmat(Q.T).T))
-    G = _rademacher((m, op.dim), gen, op.device, op.dtype)
+    G = rademacher((m, op.dim), gen, op.device, op.dtype)
     G = G - (G @ Q) @ Q.T
     samples = (G * op.matmat(G)).sum(dim=1)
     rest = float(samples.mean())
@@ -267,7 +272,7 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: in
     """
     n = op.dim
     max_iter = min(max_iter, n)
-    gen = _generator(seed, op.device)
+    gen = generator(seed, op.device)
     q = torch.randn(n, generator=gen, device=op.device, dtype=op.dtype)
     Q = [q / q.norm()]
     alphas: list[float] = []
@@ -312,7 +317,7 @@ def power_iteration_top(op: HessianOperator, k: int, tol: float, max_iter: int, 
     Each pair iterates until the Rayleigh quotient changes by less than ``tol`` relative, as
     PyHessian does; later pairs are kept orthogonal to the earlier ones.
     """
-    gen = _generator(seed, op.device)
+    gen = generator(seed, op.device)
     values, vectors = [], []
     total, converged_all = 0, True
     for _ in range(k):

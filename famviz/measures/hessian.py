@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..curvature import (
     HessianOperator,
+    generator,
     hutchinson_trace,
     hutchpp_trace,
     lanczos_top,
@@ -24,6 +25,7 @@ from ..curvature import (
     new_seed,
     piecewise_linear_stack,
     power_iteration_top,
+    rademacher,
 )
 from ..objective import LOSSES, Objective, ObjectiveInfo, check_option, resolve_params
 
@@ -309,19 +311,13 @@ def hessian_frobenius(
     if method == "auto":
         method = "exact" if op.dim <= AUTO_EXACT_MAX_PARAMS else "hutchinson"
     if method == "exact":
-        total = 0.0
-        for start in range(0, op.dim, 256):
-            stop = min(start + 256, op.dim)
-            E = torch.zeros(stop - start, op.dim, device=op.device, dtype=op.dtype)
-            E[torch.arange(stop - start), torch.arange(start, stop)] = 1
-            total += float(op.matmat(E).pow(2).sum())
+        total = sum(float(rows.pow(2).sum()) for _, rows in op.columns())
         return FrobeniusResult(math.sqrt(total), 0.0, "exact", tuple(names), op.num_hvps, None,
                                obj.info())
     if probes < 2:
         raise ValueError(f"probes must be at least 2, got {probes}")
     seed = new_seed() if seed is None else int(seed)
-    gen = torch.Generator(device=op.device).manual_seed(seed)
-    V = torch.randint(0, 2, (probes, op.dim), generator=gen, device=op.device).to(op.dtype) * 2 - 1
+    V = rademacher((probes, op.dim), generator(seed, op.device), op.device, op.dtype)
     samples = op.matmat(V).pow(2).sum(dim=1)
     sq = float(samples.mean())
     value = math.sqrt(max(sq, 0.0))

@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from ..curvature import (
-    HVP_CHUNK,
     HessianOperator,
+    generator,
     linear_pullback,
     new_seed,
     piecewise_linear_after,
+    rademacher,
 )
 from ..objective import LOSSES, Objective, ObjectiveInfo, check_option, resolve_layer
 
@@ -110,16 +111,12 @@ def _exact(op: HessianOperator, d: int, m: int, want_blocks: bool):
     :math:`T_{s s'} = \\sum_k (H e_{s',k})_{s,k}`, :math:`(H_{ss})_{kl} = (H e_{s,l})_{s,k}`."""
     T = torch.zeros(d, d, dtype=op.dtype, device=op.device)
     blocks = torch.zeros(d, m, m, dtype=op.dtype, device=op.device) if want_blocks else None
-    total = d * m
-    for start in range(0, total, HVP_CHUNK):
-        idx = torch.arange(start, min(start + HVP_CHUNK, total), device=op.device)
-        E = torch.zeros(len(idx), total, dtype=op.dtype, device=op.device)
-        E[torch.arange(len(idx)), idx] = 1
-        HE = op.matmat(E).reshape(len(idx), d, m)  # HE[j, s, k] = (H e_{s'_j, k_j})_{s,k}
-        s_col, k_col = idx // m, idx % m
-        T.index_add_(1, s_col, HE[torch.arange(len(idx)), :, k_col].T)  # repeats accumulate
+    for idx, rows in op.columns():
+        HE = rows.reshape(len(idx), d, m)  # HE[j, s, k] = (H e_{s'_j, k_j})_{s,k}
+        s_col, k_col, j = idx // m, idx % m, torch.arange(len(idx), device=op.device)
+        T.index_add_(1, s_col, HE[j, :, k_col].T)  # repeated columns accumulate
         if want_blocks:
-            blocks[s_col, :, k_col] = HE[torch.arange(len(idx)), s_col, :]
+            blocks[s_col, :, k_col] = HE[j, s_col, :]
     return T, blocks
 
 
@@ -127,11 +124,11 @@ def _hutchinson(op: HessianOperator, d: int, m: int, probes: int, seed: int, M: 
     """T estimated with probes shared across rows: for Rademacher :math:`z \\in \\mathbb R^m`,
     :math:`\\mathbb E[(e_s\\otimes z)^\\top H (e_{s'}\\otimes z)] = \\mathrm{Tr}(H_{s,s'})`;
     each probe costs d HVPs. Returns T̂ and the standard error of κ̂ over probes."""
-    gen = torch.Generator(device=op.device).manual_seed(seed)
+    gen = generator(seed, op.device)
     eye = torch.eye(d, dtype=op.dtype, device=op.device)
     estimates = []
     for _ in range(probes):
-        z = torch.randint(0, 2, (m,), generator=gen, device=op.device).to(op.dtype) * 2 - 1
+        z = rademacher((m,), gen, op.device, op.dtype)
         V = (eye[:, :, None] * z).reshape(d, d * m)  # row s' = e_{s'} ⊗ z
         R = op.matmat(V).reshape(d, d, m)  # R[s', s, k]
         estimates.append((R @ z).T)  # [s, s']
