@@ -9,6 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import famviz as fv
+from famviz.oracles import dense_hessian
 from famviz.reparam import (
     feature_std,
     max_output_change,
@@ -113,7 +114,15 @@ def test_rows_of_feature_layer_T3(net, data):
     assert max_output_change(model, new, X) < 1e-9
     assert rel(kappa(model, layer), kappa(new, layer)) < SAME
     assert rel(simplified(model, layer), simplified(new, layer)) > 1e-4
-    assert rel(trace(model), trace(new)) > 1e-4
+    # T3 is diagonal, theta' = D theta, so H' = D^-1 H D^-1: every diagonal entry of the two
+    # layers' blocks is divided by D^2 exactly (rows of `layer` by r^2, columns of `above` by r^-2)
+    W, W_up = model.get_submodule(layer).weight, model.get_submodule(above).weight
+    D = torch.cat([r[:, None].expand(W.shape).reshape(-1), r,
+                   (1 / r)[None, :].expand(W_up.shape).reshape(-1),
+                   torch.ones(W_up.shape[0], dtype=torch.float64)])
+    diag = [dense_hessian(m, DATA, params=[layer, above])[0].diagonal() for m in (model, new)]
+    torch.testing.assert_close(diag[1], diag[0] / D**2, rtol=1e-6, atol=1e-14)
+    assert rel(float(diag[0].sum()), float(diag[1].sum())) > 1e-9
 
 
 @settings_
