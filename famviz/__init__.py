@@ -5,7 +5,7 @@ The core (this package without :mod:`famviz.plots` and :mod:`famviz.widgets`) ne
 and numpy.
 """
 
-from . import data, models, oracles, reparam
+from . import data, landscape, models, oracles, reparam
 from .curvature import HessianOperator
 from .measures import (
     EigenResult,
@@ -41,4 +41,6 @@ __all__ = [
     "FrobeniusResult",
     # reparameterizations
     "reparam",
+    # loss landscapes
+    "landscape",
 ]
