@@ -102,7 +102,7 @@ class _Engine:
     * ``"linear-stack"``: an ``nn.Sequential`` of Linear layers and elementwise activations. The
       first layer's products with θ and the directions are formed once per data batch; a chunk
       of P points then costs one small GEMM to combine them and a ``baddbmm`` per later layer
-      with per-point weights :math:`W + \sum_i c_i D_i`.
+      with per-point weights :math:`W + \\sum_i c_i D_i`.
     * ``"vmap"``: any other model, :func:`torch.func.vmap` over points of ``functional_call``.
     * ``"loop"``: one point at a time (BatchNorm with batch statistics, or ops without a vmap
       rule).

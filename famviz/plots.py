@@ -1,0 +1,136 @@
+"""plotly figures made from famviz result objects.
+
+Imports plotly and the famviz core, never ipywidgets: every function returns a
+``plotly.graph_objects.Figure`` (pass ``fig=`` a ``FigureWidget`` to draw into it in place).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from .landscape import Slice1D, Slice2D
+
+__all__ = ["surface", "contour", "curve", "axis_title"]
+
+_TRAIN, _TEST = "#1f77b4", "#d62728"
+
+
+def axis_title(s: Slice1D | Slice2D, axis: int = 0) -> str:
+    """What a slice coordinate means, e.g. ``"α along d1 (random, filter-normalized)"``."""
+    dirs = s.meta.get("directions", [])
+    d = dirs[axis] if axis < len(dirs) else {}
+    kind = d.get("kind", "custom")
+    symbol = "αβ"[axis] if axis < 2 else "c"
+    if kind == "interpolation":
+        return "t: 0 = model A, 1 = model B"
+    norm = d.get("norm", "none")
+    norm_text = {"filter": "filter-normalized", "layer": "layer-normalized"}.get(norm, "unnormalized")
+    extra = f", λ = {d['eigenvalue']:.3g}" if "eigenvalue" in d else ""
+    return f"{symbol} along d{axis + 1} ({kind}, {norm_text}{extra})"
+
+
+def _check(s, cls):
+    if not isinstance(s, cls):
+        raise TypeError(f"expected a {cls.__name__}, got {type(s).__name__}")
+
+
+def _grid(s: Slice2D, test: bool) -> np.ndarray:
+    if test and s.test_values is None:
+        raise ValueError("this slice has no test values: compute it with test_data=")
+    return s.test_values if test else s.values
+
+
+def surface(s: Slice2D, *, test: bool = False, log: bool = False, fig: go.Figure | None = None,
+            title: str | None = None) -> go.Figure:
+    """3-D surface of a 2-D slice, the unperturbed model marked by a point.
+
+    ``values[i, j]`` sits at ``(x[i], y[j])``; plotly's ``z[row][col]`` is at ``(x[col], y[row])``,
+    hence the transpose.
+    """
+    _check(s, Slice2D)
+    z = _grid(s, test)
+    zz = np.log10(np.maximum(z, 1e-12)) if log else z
+    label = ("log10 " if log else "") + ("test" if test else "train") + " loss"
+    fig = fig if fig is not None else go.Figure()
+    with fig.batch_update():
+        fig.data = []
+        fig.add_trace(go.Surface(x=s.x, y=s.y, z=zz.T, colorscale="Viridis",
+                                 colorbar={"title": label}, name=label))
+        i, j = s.centre_index
+        fig.add_trace(go.Scatter3d(x=[0.0], y=[0.0], z=[zz[i, j]], mode="markers",
+                                   marker={"size": 5, "color": "red"}, name="model"))
+        fig.update_layout(
+            title=title or f"Loss surface ({label})",
+            scene={"xaxis_title": axis_title(s, 0), "yaxis_title": axis_title(s, 1),
+                   "zaxis_title": label},
+            margin={"l": 0, "r": 0, "t": 40, "b": 0},
+        )
+    return fig
+
+
+def contour(s: Slice2D, *, test: bool = False, trajectory: np.ndarray | None = None,
+            levels: int = 30, log: bool = True, fig: go.Figure | None = None,
+            title: str | None = None) -> go.Figure:
+    """Contour plot of a 2-D slice with the unperturbed model marked; ``trajectory`` is an
+    (T, 2) array of coordinates (e.g. :attr:`TrajectoryDirections.coords`) drawn as a path.
+    Levels are log-spaced by default, since losses span orders of magnitude."""
+    _check(s, Slice2D)
+    z = _grid(s, test)
+    zz = np.log10(np.maximum(z, 1e-12)) if log else z
+    label = ("log10 " if log else "") + ("test" if test else "train") + " loss"
+    fig = fig if fig is not None else go.Figure()
+    with fig.batch_update():
+        fig.data = []
+        fig.add_trace(go.Contour(x=s.x, y=s.y, z=zz.T, ncontours=levels, colorscale="Viridis",
+                                 colorbar={"title": label}, name=label))
+        if trajectory is not None:
+            t = np.asarray(trajectory, dtype=float)
+            if t.ndim != 2 or t.shape[1] != 2:
+                raise ValueError(f"trajectory must have shape (T, 2), got {t.shape}")
+            fig.add_trace(go.Scatter(x=t[:, 0], y=t[:, 1], mode="lines+markers",
+                                     line={"color": "white"}, marker={"size": 4},
+                                     name="trajectory"))
+        fig.add_trace(go.Scatter(x=[0.0], y=[0.0], mode="markers", name="model",
+                                 marker={"symbol": "x", "size": 11, "color": "red"}))
+        fig.update_layout(title=title or f"Loss contours ({label})",
+                          xaxis_title=axis_title(s, 0), yaxis_title=axis_title(s, 1))
+    return fig
+
+
+def curve(*slices: Slice1D, labels=None, accuracy: bool = False, log: bool = False,
+          fig: go.Figure | None = None, title: str | None = None) -> go.Figure:
+    """1-D slices as curves, train solid and test dashed (when computed), the centre marked.
+    Several slices (e.g. unnormalized vs filter-normalized) overlay with ``labels``."""
+    if not slices:
+        raise ValueError("pass at least one Slice1D")
+    for s in slices:
+        _check(s, Slice1D)
+    labels = list(labels) if labels is not None else [
+        s.meta.get("directions", [{}])[0].get("kind", f"slice {k + 1}")
+        for k, s in enumerate(slices)]
+    if len(labels) != len(slices):
+        raise ValueError("labels must have one entry per slice")
+    what = "accuracy" if accuracy else "loss"
+    fig = fig if fig is not None else go.Figure()
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]
+    with fig.batch_update():
+        fig.data = []
+        for k, (s, lab) in enumerate(zip(slices, labels)):
+            color = palette[k % len(palette)]
+            train = s.accuracy if accuracy else s.values
+            test = s.test_accuracy if accuracy else s.test_values
+            if train is None:
+                raise ValueError("no accuracy in this slice (it needs class labels)")
+            fig.add_trace(go.Scatter(x=s.x, y=train, mode="lines", name=f"{lab} · train",
+                                     line={"color": color}))
+            if test is not None:
+                fig.add_trace(go.Scatter(x=s.x, y=test, mode="lines", name=f"{lab} · test",
+                                         line={"color": color, "dash": "dash"}))
+            c = s.centre_index
+            fig.add_trace(go.Scatter(x=[0.0], y=[train[c]], mode="markers", showlegend=False,
+                                     marker={"color": color, "size": 8}))
+        fig.update_layout(title=title or f"{what} along a direction",
+                          xaxis_title=axis_title(slices[0], 0), yaxis_title=what,
+                          yaxis_type="log" if log else None)
+    return fig
