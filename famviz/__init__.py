@@ -21,6 +21,16 @@ from .objective import Objective
 
 __version__ = "0.1.0"
 
+_LAZY = ("plots",)  # layers above the core: imported on first use, so `import famviz` stays light
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'famviz' has no attribute {name!r}")
+
 __all__ = [
     # data and models
     "data",
