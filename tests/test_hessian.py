@@ -128,3 +128,23 @@ def test_trace_least_squares_closed_form():
     Xb = torch.cat([X, torch.ones(30, 1, dtype=torch.float64)], 1)
     assert top.value == pytest.approx(float(torch.linalg.eigvalsh(2 / 30 * Xb.T @ Xb)[-1]),
                                       rel=1e-8)
+
+
+def test_batched_and_looped_hvps_agree(relu_case, monkeypatch):
+    """Both routes of HessianOperator.matmat (batched for small blocks, a loop above
+    BATCHED_HVP_MAX_DIM) give the same products."""
+    import famviz.curvature as curv
+
+    model, data, H, _ = relu_case
+    op = fv.HessianOperator(fv.Objective(model, data), [n for n, _ in model.named_parameters()])
+    V = torch.randn(5, op.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    batched = op.matmat(V)
+    monkeypatch.setattr(curv, "BATCHED_HVP_MAX_DIM", 0)
+    looped = op.matmat(V)
+    torch.testing.assert_close(batched, looped, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(looped, V @ H, rtol=1e-8, atol=1e-10)
+    assert op.num_hvps == 10
+    r = fv.hessian_trace(model, data, method="hutchinson", probes=20, seed=0)
+    monkeypatch.setattr(curv, "BATCHED_HVP_MAX_DIM", 4096)
+    assert r.value == pytest.approx(
+        fv.hessian_trace(model, data, method="hutchinson", probes=20, seed=0).value, rel=1e-10)

@@ -71,6 +71,19 @@ def test_grid_equals_single_point_evaluation(setup, kind):
         assert s.test_accuracy[i, j] == pytest.approx(tacc, abs=1e-12)
 
 
+def test_mse_grid_equals_single_point_evaluation(setup):
+    model, (X, _), _ = setup
+    Y = torch.randn(len(X), 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d1, d2 = ls.random_direction(model, seed=1), ls.random_direction(model, seed=2)
+    s = ls.slice_2d(model, (X, Y), d1, d2, steps=(5, 3), loss="mse")
+    assert s.accuracy is None and s.meta["engine"] == "linear-stack"
+    for i, j in [(0, 0), (4, 2), (1, 1)]:
+        params = {n: p.detach() + s.x[i] * d1[n] + s.y[j] * d2[n]
+                  for n, p in model.named_parameters()}
+        ref = float(F.mse_loss(functional_call(model, params, (X,)), Y))
+        assert s.values[i, j] == pytest.approx(ref, rel=1e-10)
+
+
 def test_centre_is_the_unperturbed_loss_and_model_untouched(setup):
     model, data, _ = setup
     before = model_state(model)

@@ -79,3 +79,13 @@ def test_readme_quick_start_has_the_two_commands():
     text = (ROOT / "README.md").read_text()
     assert "make lab" in text and "make test" in text
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_sources_compile_without_warnings():
+    """Catches invalid escape sequences in docstrings full of LaTeX (use r-strings)."""
+    import warnings
+
+    for path in sorted((ROOT / "famviz").rglob("*.py")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile(path.read_text(), str(path), "exec")

@@ -205,16 +205,16 @@ class _Engine:
                 W = torch.einsum("pk,kod->pod", cc, A)
                 h = (torch.baddbmm((cc @ B)[:, None, :], h, W.transpose(1, 2)) if B is not None
                      else torch.bmm(h, W.transpose(1, 2)))
-        if self.obj.loss_name == "cross_entropy" and not y.is_floating_point():
-            logp = h.log_softmax(-1)
-            loss = -logp.gather(2, y.expand(len(cc), -1)[..., None]).squeeze(-1).mean(1)
-        else:
-            loss = torch.stack([self.loss_fn(o, y) for o in h])
         if self.classify:
-            acc = (h.argmax(-1) == y).to(h.dtype).mean(1)
-        else:
-            acc = torch.zeros_like(loss)
-        return loss, acc
+            # one max serves the log-sum-exp and the accuracy; a sample counts as correct when
+            # its true logit attains the maximum (argmax differs only on exact float ties, and
+            # over 10 classes costs 6x more than amax here)
+            top = h.amax(-1, keepdim=True)
+            lse = (h - top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+            true = h.gather(2, y.expand(len(cc), -1)[..., None]).squeeze(-1)
+            return (lse - true).mean(1), (true >= top.squeeze(-1)).to(h.dtype).mean(1)
+        loss = torch.stack([self.loss_fn(o, y) for o in h])
+        return loss, torch.zeros_like(loss)
 
     def _eval_chunk(self, C: Tensor) -> tuple[Tensor, Tensor]:
         N = self.obj.num_samples

@@ -133,10 +133,10 @@ def _gauss_newton_traces(obj: Objective, names: list[str], layers: list[str]) ->
     wanted = [l for l in layers if f"{l}.weight" in names or f"{l}.bias" in names]
     sums = {n: 0.0 for n in names}
     for batch in linear_pullback(obj, wanted):
-        for layer, (phi, delta) in batch.items():
-            dsq = delta.pow(2).sum(dim=(0, 2))  # (N_b,)
+        for layer, pb in batch.items():
+            dsq = pb.diag().sum(dim=1)  # Tr(G_n), (N_b,)
             if f"{layer}.weight" in sums:
-                sums[f"{layer}.weight"] += float((phi.pow(2).sum(dim=1) * dsq).sum())
+                sums[f"{layer}.weight"] += float((pb.phi.pow(2).sum(dim=1) * dsq).sum())
             if f"{layer}.bias" in sums:
                 sums[f"{layer}.bias"] += float(dsq.sum())
     return {n: v / obj.num_samples for n, v in sums.items()}

@@ -96,11 +96,11 @@ def _closed_form(obj: Objective, layer: str, want_blocks: bool):
     pull-back: :math:`T = \\frac1N\\sum_n \\|\\phi_n\\|^2 \\Delta_n\\Delta_n^\\top`."""
     T = blocks = None
     for batch in linear_pullback(obj, [layer]):
-        phi, delta = batch[layer]
-        t = torch.einsum("n,cns,cnt->st", phi.pow(2).sum(dim=1), delta, delta)
+        pb = batch[layer]
+        t = pb.gram(pb.phi.pow(2).sum(dim=1))
         T = t if T is None else T + t
         if want_blocks:
-            b = torch.einsum("ns,nk,nl->skl", delta.pow(2).sum(dim=0), phi, phi)
+            b = torch.einsum("ns,nk,nl->skl", pb.diag(), pb.phi, pb.phi)
             blocks = b if blocks is None else blocks + b
     N = obj.num_samples
     return T / N, (blocks / N if want_blocks else None)
