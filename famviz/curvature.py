@@ -393,8 +393,8 @@ def _sequential_leaves(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
         if not children:
             leaves.append((prefix, module))
             return True
-        if not isinstance(module, nn.Sequential):
-            return False
+        if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
+            return False  # a subclass with its own forward may do anything between its layers
         return all(walk(f"{prefix}.{n}" if prefix else n, c) for n, c in children)
 
     return leaves if walk("", model) else None

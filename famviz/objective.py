@@ -30,6 +30,8 @@ from torch.func import functional_call
 
 __all__ = [
     "LOSSES",
+    "check_targets",
+    "check_model",
     "BN_POLICIES",
     "Objective",
     "as_batches",
@@ -144,6 +146,14 @@ def check_targets(loss_name: str, output_shape: tuple[int, ...], y: Tensor) -> N
                     f"cross_entropy with probability targets needs targets of shape "
                     f"({n}, {classes}), got {tuple(y.shape)}"
                 )
+            # the closed forms (and the meaning of the loss) assume distributions
+            if bool((y < 0).any()) or not torch.allclose(
+                y.sum(dim=1), torch.ones((), dtype=y.dtype, device=y.device), atol=1e-6
+            ):
+                raise ValueError(
+                    "cross_entropy probability targets must be non-negative and sum to 1 per "
+                    "sample; pass class indices (long) for hard labels"
+                )
         else:
             if y.ndim != 1:
                 raise ValueError(
@@ -177,7 +187,9 @@ def resolve_loss(loss) -> tuple[str, Callable[[Tensor, Tensor], Tensor]]:
     if loss is None:
         return "none", _no_loss
     if callable(loss):
-        return getattr(loss, "__name__", "callable"), loss
+        # never the bare name: a user's function called "mse" is not famviz's MSE, and the
+        # closed forms must not treat it as such
+        return f"custom:{getattr(loss, '__name__', type(loss).__name__)}", loss
     check_option("loss", loss, LOSSES)
     return loss, {"cross_entropy": F.cross_entropy, "mse": _mse}[loss]
 

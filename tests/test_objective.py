@@ -28,7 +28,7 @@ def test_loss_forms_agree(net_and_data):
         assert obj.num_samples == len(X)
     obj = Objective(model, (X, y), loss=lambda out, t: F.cross_entropy(out, t))
     assert float(obj.loss()) == pytest.approx(expected, rel=1e-12)
-    assert obj.info().loss == "<lambda>"
+    assert obj.info().loss == "custom:<lambda>"
 
 
 def test_mse_and_probability_targets(net_and_data):
@@ -149,3 +149,42 @@ def test_not_a_model_or_not_data(digits_small):
         as_batches(42)
     with pytest.raises(TypeError, match="each batch must be a pair"):
         as_batches([torch.zeros(3, 2)])
+
+
+def test_custom_loss_named_like_a_builtin_is_not_the_builtin(digits_small):
+    """A user's `mse` with another reduction must not get famviz's MSE closed form."""
+    X, _ = digits_small
+    model = tiny_mlp([64, 6, 3], seed=2)
+    Y = torch.randn(len(X), 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def mse(out, target):
+        return ((out - target) ** 2).sum()
+
+    kappa, _ = fv.oracles.relative_flatness_bruteforce(model, (X, Y), "2", loss=mse)
+    r = fv.relative_flatness(model, (X, Y), "2", loss=mse)
+    assert r.method == "exact" and r.objective.loss == "custom:mse"
+    assert r.value == pytest.approx(kappa, rel=1e-6)
+    H, _ = fv.oracles.dense_hessian(model, (X, Y), loss=mse)
+    t = fv.hessian_trace(model, (X, Y), loss=mse)
+    assert t.backend != "gauss-newton" and t.value == pytest.approx(float(H.trace()), rel=1e-6)
+
+
+def test_sequential_subclass_with_own_forward_gets_no_closed_form(digits_small):
+    X, y = digits_small
+
+    class Squashed(nn.Sequential):
+        def forward(self, x):
+            return 3 * torch.tanh(super().forward(x))
+
+    model = Squashed(nn.Linear(64, 6), nn.ReLU(), nn.Linear(6, 5)).double()
+    kappa, _ = fv.oracles.relative_flatness_bruteforce(model, (X, y), "2")
+    r = fv.relative_flatness(model, (X, y), "2")
+    assert r.method == "exact" and r.value == pytest.approx(kappa, rel=1e-6)
+    assert fv.hessian_trace(model, (X, y)).backend != "gauss-newton"
+
+
+def test_probability_targets_must_be_distributions(net_and_data):
+    model, (X, y) = net_and_data
+    soft = F.one_hot(y, 5).double() * 2
+    with pytest.raises(ValueError, match="sum to 1"):
+        fv.hessian_trace(model, (X, soft))
