@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 
 from .landscape import Slice1D, Slice2D
 
-__all__ = ["surface", "contour", "curve", "axis_title"]
+__all__ = ["surface", "contour", "curve", "axis_title", "measures_bar"]
 
 _TRAIN, _TEST = "#1f77b4", "#d62728"
 
@@ -133,4 +133,72 @@ def curve(*slices: Slice1D, labels=None, accuracy: bool = False, log: bool = Fal
         fig.update_layout(title=title or f"{what} along a direction",
                           xaxis_title=axis_title(slices[0], 0), yaxis_title=what,
                           yaxis_type="log" if log else None)
+    return fig
+
+
+def measures_bar(table, *others, labels=None, relative: bool = False, log: bool | None = None,
+                 fig: go.Figure | None = None, title: str | None = None) -> go.Figure:
+    """Horizontal bars of a :class:`famviz.measures.MeasureTable`, one per measure, with
+    standard-error bars; hovering shows the paper, the declared invariance and the cost.
+
+    Several tables (``measures_bar(t0, t1, labels=["model", "T1 x10"])``, e.g. a model and its
+    reparameterizations, measured with the same seed) give grouped bars; ``relative=True``
+    divides every table's values by the first table's, so invariant measures sit at 1 and the
+    others show how far a function-preserving change moved them. ``log`` (default: when every
+    plotted value is positive) uses a log axis: the measures span orders of magnitude.
+    """
+    from .measures.table import MeasureTable
+
+    tables = [table, *others]
+    for t in tables:
+        if not isinstance(t, MeasureTable):
+            raise TypeError(f"expected MeasureTable(s) from measure_all, got {type(t).__name__}")
+    labels = list(labels) if labels is not None else (
+        ["model"] if len(tables) == 1 else [f"table {k + 1}" for k in range(len(tables))])
+    if len(labels) != len(tables):
+        raise ValueError("labels must have one entry per table")
+    names = [r.name for r in tables[0]]
+    for t in tables[1:]:
+        if [r.name for r in t] != names:
+            raise ValueError("the tables must hold the same measures in the same order")
+    ref = {r.name: r.value for r in tables[0]}
+    series = []
+    for t in tables:
+        xs, errs = [], []
+        for r in t:
+            scale = ref[r.name] if relative else 1.0
+            ok = relative and scale != 0 and np.isfinite(scale)
+            xs.append(r.value / scale if ok else (r.value if not relative else np.nan))
+            se = r.stderr if np.isfinite(r.stderr) else 0.0
+            errs.append(se / abs(scale) if ok else (se if not relative else 0.0))
+        series.append((xs, errs))
+    if log is None:
+        log = all(x > 0 for xs, _ in series for x in xs if np.isfinite(x))
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#d62728"]
+    fig = fig if fig is not None else go.Figure()
+    with fig.batch_update():
+        fig.data = []
+        fig.layout.shapes = []
+        for k, (t, lab, (xs, errs)) in enumerate(zip(tables, labels, series)):
+            hover = [
+                f"{r.label}<br>value {r.value:.4g}"
+                + (f" ± {r.stderr:.2g}" if np.isfinite(r.stderr) and r.stderr > 0 else "")
+                + f"<br>higher is {r.higher_is}<br>"
+                + ", ".join(f"{tr}: {v}" for tr, v in r.invariance.items())
+                + f"<br>{r.cost.seconds:.3g} s" for r in t]
+            fig.add_trace(go.Bar(y=names, x=xs, orientation="h", name=lab,
+                                 error_x={"type": "data", "array": errs, "visible": True},
+                                 marker={"color": palette[k % len(palette)]},
+                                 hovertext=hover, hoverinfo="text"))
+        if relative:
+            fig.add_shape(type="line", x0=1.0, x1=1.0, xref="x", y0=0, y1=1, yref="paper",
+                          line={"dash": "dot", "color": "gray"})
+        fig.update_layout(
+            title=title or ("measures relative to " + labels[0] if relative
+                            else "flatness measures"),
+            barmode="group", xaxis_type="log" if log else None,
+            xaxis_title=("value / value of " + labels[0]) if relative else "value",
+            yaxis={"autorange": "reversed"},
+            height=min(1400, max(320, 120 + 22 * len(names) * len(tables))),
+        )
     return fig
