@@ -5,17 +5,30 @@ The core (this package without :mod:`famviz.plots` and :mod:`famviz.widgets`) ne
 and numpy.
 """
 
-from . import data, landscape, models, oracles, reparam
+from . import data, fam, landscape, models, oracles, reparam
 from .curvature import HessianOperator
 from .measures import (
     EigenResult,
+    FisherRaoResult,
     FrobeniusResult,
+    MeasureTable,
+    PacBayesResult,
     RelativeFlatnessResult,
+    SharpnessResult,
     TraceResult,
+    VolumeResult,
+    adaptive_sharpness,
+    average_flatness,
+    basin_volume,
+    eps_sharpness,
+    fisher_rao_norm,
     hessian_frobenius,
     hessian_top_eigenvalue,
     hessian_trace,
+    measure_all,
+    pac_bayes_flatness,
     relative_flatness,
+    worst_case_flatness,
 )
 from .objective import Objective
 
@@ -49,8 +62,25 @@ __all__ = [
     "TraceResult",
     "EigenResult",
     "FrobeniusResult",
+    # perturbation-based sharpness, PAC-Bayes, Fisher-Rao, volume
+    "eps_sharpness",
+    "adaptive_sharpness",
+    "average_flatness",
+    "worst_case_flatness",
+    "pac_bayes_flatness",
+    "fisher_rao_norm",
+    "basin_volume",
+    "SharpnessResult",
+    "PacBayesResult",
+    "FisherRaoResult",
+    "VolumeResult",
+    # every measure at once
+    "measure_all",
+    "MeasureTable",
     # reparameterizations
     "reparam",
     # loss landscapes
     "landscape",
+    # FAM, SAM and ASAM training
+    "fam",
 ]
