@@ -44,8 +44,10 @@ $(VENV)/.famviz-bench: $(STAMP)
 	$(PY) -m pip install -c $(PIN) -e ".[dev,bench]"
 	touch $@
 
+# each script prints its table of times and same-process ratios (see benchmarks/README.md)
 bench: $(VENV)/.famviz-bench
-	$(PY) benchmarks/curvature.py
+	for s in curvature landscape measures fam_cost fam_compare; do \
+	  $(PY) -u benchmarks/$$s.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

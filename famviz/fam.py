@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .curvature import new_seed, piecewise_linear_after
+from .measures.relative import NORMALIZATIONS  # None: the paper's κ; "m": κ / inputs
 from .objective import (
     LOSSES,
     as_batches,
@@ -98,8 +99,6 @@ __all__ = [
 METHODS = ("sgd", "fam", "sam", "asam")
 #: how the FAM penalty is differentiated
 GRADIENTS = ("exact", "frozen")
-#: None: the paper's κ; "m": κ divided by the number m of input features of the layer
-NORMALIZATIONS = (None, "m")
 #: how :func:`penalty` computes κ (see the module docstring)
 PENALTY_PATHS = ("softmax", "mse", "gauss_newton", "hvp")
 #: FAM's λ when none is given (a scale that suits the tutorials' digits MLP; it is data dependent)
