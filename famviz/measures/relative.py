@@ -194,7 +194,9 @@ def relative_flatness(
         normalize: ``None`` (the paper's κ) or ``"m"`` (divide by the number of inputs m).
         normalize_features: first bring the model to the std canonical form of MATH.md §2
             (:func:`famviz.reparam.normalize_features` on ``data``), which makes κ equal for
-            networks that differ by a rescaling of the neurons below the layer.
+            networks that differ by a rescaling of the neurons below the layer. Features that
+            are constant on ``data`` (dead ReLUs, σ = 0) cannot be normalized, and their columns
+            of W still count in κ: networks with such features are not identified.
         probes: Hutchinson probes.
         seed: Hutchinson's seed (drawn and recorded if None).
         dtype, device, bn: evaluation dtype (float64 for exactness), device, BatchNorm policy.
