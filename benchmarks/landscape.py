@@ -41,7 +41,6 @@ from _common import (
     verdict,
 )
 
-import famviz as fv
 from famviz import landscape as ls
 
 STEPS = 41

@@ -141,7 +141,6 @@ class HessianOperator:
         self.dtype = objective.dtype
         self.num_hvps = 0
         loss = objective.loss(self._params)
-        self.loss_value = float(loss.detach())
         grads = torch.autograd.grad(
             loss, list(self._params.values()), create_graph=True, allow_unused=True
         )
@@ -149,10 +148,6 @@ class HessianOperator:
         self._live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self._grads = [grads[i] for i in self._live]
         self._inputs = [list(self._params.values())[i] for i in self._live]
-        self.gradient = self.layout.flatten(
-            [g.detach() if g is not None else torch.zeros_like(p)
-             for g, p in zip(grads, self._params.values())]
-        )
 
     def _backward(self, parts: list[Tensor], batched: bool) -> list[Tensor]:
         outs = torch.autograd.grad(

@@ -59,7 +59,6 @@ from dataclasses import asdict, dataclass
 from dataclasses import replace as _replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .curvature import new_seed, piecewise_linear_after

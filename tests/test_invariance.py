@@ -1,7 +1,6 @@
 """Reparameterization invariance, both ways (MATH.md §2), as property tests over random ReLU
 networks: what must stay equal stays equal (rel. 1e-6), what must change does change."""
 
-import math
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """The objective plumbing: data forms, losses, dtype, BatchNorm policy, and clear errors."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

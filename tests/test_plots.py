@@ -4,7 +4,6 @@ the coordinates mean."""
 import numpy as np
 import plotly.graph_objects as go
 import pytest
-import torch
 
 import famviz as fv
 from famviz import landscape as ls
