@@ -54,17 +54,23 @@ def famviz_slice(model, data, d1, d2, steps=STEPS):
     return ls.slice_2d(model, data, d1, d2, span=(-1, 1), steps=steps).values
 
 
-def naive_loop(model, data, d1, d2, steps=STEPS):
-    X, y = data
+def per_point(model, d1, d2, loss_at, steps=STEPS):
+    """The baselines' grid walk: build theta + a d1 + b d2 for one point, evaluate it."""
     theta = {n: p.detach() for n, p in model.named_parameters()}
     axis = ls.grid_axis((-1, 1), steps)
     out = np.empty((steps, steps))
     with torch.no_grad():
         for i, a in enumerate(axis):
             for j, b in enumerate(axis):
-                params = {n: theta[n] + a * d1[n] + b * d2[n] for n in theta}
-                out[i, j] = F.cross_entropy(functional_call(model, params, (X,)), y).item()
+                out[i, j] = loss_at({n: theta[n] + a * d1[n] + b * d2[n] for n in theta})
     return out
+
+
+def naive_loop(model, data, d1, d2, steps=STEPS):
+    """One functional_call on all data per grid point."""
+    X, y = data
+    return per_point(model, d1, d2, lambda params: F.cross_entropy(
+        functional_call(model, params, (X,)), y).item(), steps)
 
 
 def dataloader_loop(model, data, d1, d2, steps=STEPS, batch_size=128):
@@ -72,20 +78,13 @@ def dataloader_loop(model, data, d1, d2, steps=STEPS, batch_size=128):
     X, y = data
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y),
                                          batch_size=batch_size, shuffle=False)
-    theta = {n: p.detach() for n, p in model.named_parameters()}
-    axis = ls.grid_axis((-1, 1), steps)
-    out = np.empty((steps, steps))
-    with torch.no_grad():
-        for i, a in enumerate(axis):
-            for j, b in enumerate(axis):
-                params = {n: theta[n] + a * d1[n] + b * d2[n] for n in theta}
-                total, count = 0.0, 0
-                for xb, yb in loader:
-                    total += F.cross_entropy(functional_call(model, params, (xb,)), yb,
-                                             reduction="sum").item()
-                    count += len(xb)
-                out[i, j] = total / count
-    return out
+
+    def loss_at(params):
+        total = sum(F.cross_entropy(functional_call(model, params, (xb,)), yb,
+                                    reduction="sum").item() for xb, yb in loader)
+        return total / len(X)
+
+    return per_point(model, d1, d2, loss_at, steps)
 
 
 def gemm_floor(model, data, steps=STEPS):
