@@ -29,3 +29,15 @@ def assert_same_state(before, after):
     assert before["hooks"] == after["hooks"]
     for a, b in zip(before["grads"], after["grads"]):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def assert_call_leaves_caller_alone(call, model, data):
+    """``call(model, data)`` must leave the model, the data and the global RNG as they were."""
+    X, y = data
+    copy = (X.clone(), y.clone())
+    before = model_state(model)
+    rng = torch.get_rng_state()
+    call(model, copy)
+    assert_same_state(before, model_state(model))
+    assert torch.equal(torch.get_rng_state(), rng), "the global RNG was used"
+    assert torch.equal(copy[0], X) and torch.equal(copy[1], y)

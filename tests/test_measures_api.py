@@ -23,7 +23,7 @@ from famviz.measures import (
     worst_case_flatness,
 )
 
-from helpers import assert_same_state, model_state, tiny_mlp
+from helpers import assert_call_leaves_caller_alone, tiny_mlp
 
 (_X, _Y), _ = fv.data.digits(test_size=0.25, seed=0)
 DATA = (_X[:80].double(), _Y[:80] % 4)
@@ -160,15 +160,7 @@ CALLS["measure_all"] = lambda m, d: measure_all(m, d, options=CHEAP_TABLE)
 
 @pytest.mark.parametrize("name", list(CALLS))
 def test_caller_state_and_global_rng_untouched(name):
-    model = stateful_model()
-    X, y = DATA
-    data = (X.clone(), y.clone())
-    before = model_state(model)
-    rng = torch.get_rng_state()
-    CALLS[name](model, data)
-    assert_same_state(before, model_state(model))
-    assert torch.equal(torch.get_rng_state(), rng), "the global RNG was used"
-    assert torch.equal(data[0], X) and torch.equal(data[1], y)
+    assert_call_leaves_caller_alone(CALLS[name], stateful_model(), DATA)
 
 
 def test_normalization_layers_are_not_perturbed_by_stutz():

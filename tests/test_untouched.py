@@ -8,7 +8,7 @@ from torch import nn
 import famviz as fv
 from famviz import oracles, reparam
 
-from helpers import assert_same_state, model_state
+from helpers import assert_call_leaves_caller_alone
 
 CALLS = {
     "relative_flatness/closed_form": lambda m, d: fv.relative_flatness(m, d, "fc2"),
@@ -63,15 +63,7 @@ DATA = (_X[:40].double(), _Y[:40] % 5)
 
 @pytest.mark.parametrize("name", list(CALLS))
 def test_caller_state_untouched(name):
-    model = make_model()
-    X, y = DATA
-    data = (X.clone(), y.clone())
-    before = model_state(model)
-    rng = torch.get_rng_state()
-    CALLS[name](model, data)
-    assert_same_state(before, model_state(model))
-    assert torch.equal(torch.get_rng_state(), rng), "the global RNG was used"
-    assert torch.equal(data[0], X) and torch.equal(data[1], y)
+    assert_call_leaves_caller_alone(CALLS[name], make_model(), DATA)
 
 
 @pytest.mark.parametrize("call", [
