@@ -502,7 +502,7 @@ def _interpolate_bn(model_a, direction, data, steps, span, test_data, loss, dtyp
         work = work.to(dtype)
     theta = {n: p.detach().clone() for n, p in work.named_parameters()}
     bns = [m for m in work.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    batches = Objective(work, data, loss, dtype=dtype, device=device).batches
+    train = Objective(work, data, loss, dtype=dtype, device=device)
     rows = []
     with torch.no_grad():
         for ti in t:
@@ -512,7 +512,7 @@ def _interpolate_bn(model_a, direction, data, steps, span, test_data, loss, dtyp
                 m.reset_running_stats()
                 m.momentum = None  # cumulative average over the batches
             work.train()
-            for X, _ in batches:
+            for X, _ in train.batches:
                 work(X)
             work.eval()
             row = []
@@ -526,7 +526,7 @@ def _interpolate_bn(model_a, direction, data, steps, span, test_data, loss, dtyp
                 row += [l[0], a[0] if eng.classify else None]
             rows.append(row)
     cols = [None if c[0] is None else np.array(c, dtype=np.float64) for c in zip(*rows)]
-    info = Objective(work, data, loss, dtype=dtype, device=device).info()
+    info = train.info()
     meta = {"directions": [direction.describe()], "loss": info.loss,
             "num_samples": info.num_samples,
             "num_test_samples": 0 if test_data is None else sum(
