@@ -54,6 +54,7 @@ __all__ = [
     "HOMOGENEOUS_MODULES",
     "HOMOGENEOUS_FUNCTIONS",
     "HOMOGENEOUS_METHODS",
+    "consecutive_pairs",
     "scale_layers",
     "scale_neurons",
     "shift_logits",
@@ -251,6 +252,37 @@ def _pair(model: nn.Module, first: str, second: str) -> tuple[nn.Linear, nn.Line
     modules = dict(model.named_modules())
     _check_path(_trace(model), modules, first, second)
     return f, s
+
+
+def consecutive_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Every pair ``(first, second)`` of Linear layers that :func:`scale_layers` and
+    :func:`scale_neurons` accept, in the order the forward calls the second layer.
+
+    ``first``'s output must reach ``second`` only through positively homogeneous operations,
+    each layer must be called once and share no parameter with another module.
+
+    Raises:
+        ValueError: torch.fx cannot trace the model.
+
+    >>> from famviz import models
+    >>> consecutive_pairs(models.mlp([4, 8, 8, 3], seed=0))
+    [('0', '2'), ('2', '4')]
+    """
+    graph = _trace(model)
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Linear):
+            continue
+        second = str(node.target)
+        try:
+            first = _layer_below(graph, modules, second)
+            _linear(model, first)
+            _linear(model, second)
+        except ValueError:  # not fed by a Linear layer through homogeneous ops, or shared
+            continue
+        pairs.append((first, second))
+    return pairs
 
 
 # ----------------------------------------------------------------------------------- validation

@@ -17,6 +17,7 @@ from famviz.data import digits
 from famviz.models import cnn, mlp
 from famviz.reparam import (
     MIN_FEATURE_STD,
+    consecutive_pairs,
     feature_std,
     max_output_change,
     normalize_features,
@@ -152,6 +153,34 @@ PAIRS = [
     ("sublinear", "0", "2"),
 ]
 OUTPUT_LAYER = {"mlp_relu": "4", "mlp_leaky": "4", "fnet": "out", "cnn": "fc2"}
+
+
+@pytest.mark.parametrize("kind", sorted({k for k, _, _ in PAIRS}))
+def test_consecutive_pairs_finds_exactly_the_pairs_that_can_be_rescaled(kind):
+    model = _model(kind)
+    assert consecutive_pairs(model) == [(a, b) for k, a, b in PAIRS if k == kind]
+
+
+@pytest.mark.parametrize("model", [Residual(), Shared(), LogSoftmaxNet()],
+                         ids=["residual", "shared", "logsoftmax"])
+def test_consecutive_pairs_leaves_out_what_scale_layers_refuses(model):
+    found = consecutive_pairs(model)
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for a in linear:
+        for b in linear:
+            if a == b:
+                continue
+            try:
+                scale_layers(model, a, b, 2.0)
+                accepted = True
+            except ValueError:
+                accepted = False
+            assert accepted == ((a, b) in found), (a, b)
+
+
+def test_consecutive_pairs_refuses_untraceable_models():
+    with pytest.raises(ValueError, match="could not trace"):
+        consecutive_pairs(Untraceable())
 
 
 @pytest.fixture(scope="module")

@@ -313,28 +313,18 @@ def _declared(name: str, opts: dict, *, loss_name: str) -> dict[str, str]:
 
 def _neighbours(model: nn.Module, layer: str) -> tuple[str | None, str | None]:
     """The Linear layers ``below`` (feeding ``layer`` through positively homogeneous
-    operations) and ``above`` (fed by it), found by asking :mod:`famviz.reparam` whether the
-    pair can be rescaled; ``None`` where there is none. A model torch.fx cannot trace gives
-    ``("?", "?")``: unknown, the declarations are then left as the measures state them."""
+    operations) and ``above`` (fed by it), as :func:`famviz.reparam.consecutive_pairs` finds
+    them; ``None`` where there is none. A model torch.fx cannot trace gives ``("?", "?")``:
+    unknown, the declarations are then left as the measures state them."""
     from .. import reparam
 
-    linear = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
-    if layer not in linear:
-        return None, None
-    i = linear.index(layer)
-
-    def first(candidates, pair):
-        for cand in candidates:
-            try:
-                reparam.scale_layers(model, *pair(cand), 1.0)
-                return cand
-            except ValueError as exc:
-                if "could not trace" in str(exc):
-                    return "?"
-        return None
-
-    return (first(reversed(linear[:i]), lambda c: (c, layer)),
-            first(linear[i + 1:], lambda c: (layer, c)))
+    try:
+        pairs = reparam.consecutive_pairs(model)
+    except ValueError:  # not traceable
+        return "?", "?"
+    below = next((a for a, b in pairs if b == layer), None)
+    above = next((b for a, b in pairs if a == layer), None)
+    return below, above
 
 
 def _default_layer(model: nn.Module) -> str | None:
