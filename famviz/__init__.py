@@ -34,7 +34,7 @@ from .objective import Objective
 
 __version__ = "0.1.0"
 
-_LAZY = ("plots",)  # layers above the core: imported on first use, so `import famviz` stays light
+_LAZY = ("plots", "widgets")  # layers above the core: imported on first use, so `import famviz` stays light
 
 
 def __getattr__(name: str):
