@@ -93,8 +93,11 @@ def contour(s: Slice2D, *, test: bool = False, trajectory: np.ndarray | None = N
                                      name="trajectory"))
         fig.add_trace(go.Scatter(x=[0.0], y=[0.0], mode="markers", name="model",
                                  marker={"symbol": "x", "size": 11, "color": "red"}))
+        # the legend above the plot, clear of the colour bar on the right
         fig.update_layout(title=title or f"Loss contours ({label})",
-                          xaxis_title=axis_title(s, 0), yaxis_title=axis_title(s, 1))
+                          xaxis_title=axis_title(s, 0), yaxis_title=axis_title(s, 1),
+                          legend={"orientation": "h", "yanchor": "bottom", "y": 1.0,
+                                  "xanchor": "right", "x": 1.0})
     return fig
 
 

@@ -174,6 +174,7 @@ def test_reparam_explorer_bad_input(net, digits):
 def test_landscape_explorer_draws_coarse_then_refines(net, digits):
     train, test = digits
     e = LandscapeExplorer(net, train, test_data=test, resolution=21, span=0.5)
+    e.wait(120)
     assert e.error is None
     assert e.result.levels == [11, 21]
     assert e.result.seconds[0] <= e.result.seconds[1]
@@ -195,7 +196,7 @@ def test_landscape_explorer_draws_coarse_then_refines(net, digits):
 
 
 def test_landscape_explorer_controls_recompute(net, digits):
-    e = LandscapeExplorer(net, digits[0], resolution=11)
+    e = LandscapeExplorer(net, digits[0], resolution=11, background=False)
     before = e.result.slice.values
     e.seed.value = 7
     assert e.result.settings["seed"] == 7
@@ -206,6 +207,19 @@ def test_landscape_explorer_controls_recompute(net, digits):
     e.kind.value = "random"
     assert not e.norm.disabled
     assert e.which.disabled  # no test data
+
+
+def test_landscape_explorer_keeps_only_the_latest_setting(net, digits):
+    e = LandscapeExplorer(net, digits[0], resolution=41)
+    for seed in (1, 2, 3):  # changes faster than a 41 x 41 grid is computed
+        e.seed.value = seed
+    e.wait(120)
+    assert e.error is None
+    assert e.result.settings["seed"] == 3 and e.result.levels == [11, 21, 41]
+    d1 = fv.landscape.random_direction(net, "filter", seed=3)
+    d2 = fv.landscape.random_direction(net, "filter", seed=4)
+    ref = fv.landscape.slice_2d(net, digits[0], d1, d2, (-1.0, 1.0), 41)
+    np.testing.assert_allclose(e.result.slice.values, ref.values, rtol=1e-9)
 
 
 def test_landscape_explorer_bad_input(net, digits):
@@ -303,7 +317,8 @@ def test_training_explorer_remembers_rho_per_method(moons):
 def test_dashboards_display_as_one_widget_with_their_css_class(make, net, digits, moons):
     e = {"reparam": lambda: ReparamExplorer(net, digits[0], steps=5,
                                             measures=["relative_flatness"]),
-         "landscape": lambda: LandscapeExplorer(net, digits[0], resolution=11),
+         "landscape": lambda: LandscapeExplorer(net, digits[0], resolution=11,
+                                                background=False),
          "training": lambda: TrainingExplorer(fv.models.mlp([2, 16, 2], seed=0), *moons)}[make]()
     bundle = e._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass, field
 
 import ipywidgets as W
@@ -45,6 +46,9 @@ class LandscapeExplorer(Dashboard):
     the span, the final resolution, and whether the surface shows the training or the test
     loss. Every change draws an 11 × 11 grid at once and refines it
     (:func:`famviz.landscape.slice_2d_progressive`), as a 3-D surface beside a contour plot.
+    The grids are computed in a background thread, so the dashboard appears (and stays
+    responsive) while it refines; a change made meanwhile abandons the old computation at its
+    next level. :meth:`wait` blocks until the current computation is done.
 
     Args:
         model: the network (never modified).
@@ -55,12 +59,15 @@ class LandscapeExplorer(Dashboard):
         span: initial half-width of the grid (coordinates in [-span, span]).
         resolution: initial final grid size, a key of :data:`RESOLUTIONS`.
         log: draw log10 of the loss.
+        background: compute in a background thread (False: :meth:`update` returns when the
+            finest grid is drawn).
     """
 
     css_class = "famviz-landscape"
 
     def __init__(self, model: nn.Module, data, test_data=None, *, loss="cross_entropy",
-                 seed: int = 0, span: float = 1.0, resolution: int = 41, log: bool = True):
+                 seed: int = 0, span: float = 1.0, resolution: int = 41, log: bool = True,
+                 background: bool = True):
         super().__init__()
         check_model(model)
         if resolution not in RESOLUTIONS:
@@ -70,6 +77,10 @@ class LandscapeExplorer(Dashboard):
         self._model = copy.deepcopy(model)
         self._data, self._test_data, self.loss = data, test_data, loss
         self._hessian: list | None = None  # computed on first use, then kept
+        self.background = bool(background)
+        self._thread: threading.Thread | None = None
+        self._generation = 0  # bumped by every change; a computation of an older one stops
+        self._lock = threading.Lock()
         style = {"description_width": "90px"}
         self.kind = W.Dropdown(options=[("random", "random"), ("Hessian top-2", "hessian")],
                                value="random", description="directions", style=style)
@@ -102,48 +113,70 @@ class LandscapeExplorer(Dashboard):
                 "span": self.span.value, "resolution": self.resolution.value,
                 "which": self.which.value, "log": self.log.value}
 
-    def _directions(self):
-        if self.kind.value == "hessian":
+    def _directions(self, settings: dict):
+        if settings["kind"] == "hessian":
             if self._hessian is None:
                 self._hessian = landscape.hessian_directions(self._model, self._data, self.loss,
-                                                             k=2, seed=self.seed.value)
-            self.norm.disabled = True  # eigenvectors: unit norm over all parameters
+                                                             k=2, seed=settings["seed"])
             return self._hessian
-        self.norm.disabled = False
-        seed = self.seed.value
-        return [landscape.random_direction(self._model, self.norm.value, seed=seed),
-                landscape.random_direction(self._model, self.norm.value, seed=seed + 1)]
+        seed = settings["seed"]
+        return [landscape.random_direction(self._model, settings["norm"], seed=seed),
+                landscape.random_direction(self._model, settings["norm"], seed=seed + 1)]
 
     def _on_change(self, _change) -> None:
+        self.norm.disabled = self.kind.value == "hessian"  # eigenvectors: unit norm, fixed
         self.update()
 
     @guarded
     def _on_view(self, _change) -> None:
-        if self.result is not None:
-            self._draw(self.result.slice)
+        with self._lock:
+            if self.result is not None:
+                self._draw(self.result.slice)
 
     def _draw(self, s: landscape.Slice2D) -> None:
         test = self.which.value == "test"
         plots.surface(s, test=test, log=self.log.value, fig=self.surface_figure)
         plots.contour(s, test=test, log=self.log.value, fig=self.contour_figure)
 
-    @guarded
-    def update(self) -> LandscapeResult:
-        """Recompute for the current settings, drawing each level as it arrives."""
-        timer = Timer()
-        d1, d2 = self._directions()
-        levels, seconds = [], []
-        span = self.span.value
-        for s in landscape.slice_2d_progressive(
-                self._model, self._data, d1, d2, (-span, span),
-                levels=RESOLUTIONS[self.resolution.value], test_data=self._test_data,
-                loss=self.loss):
-            self._draw(s)
-            levels.append(len(s.x))
-            seconds.append(timer())
-            self._set_status(f"{len(s.x)} × {len(s.y)} grid drawn after {seconds[-1]:.2f} s"
-                             + (" · refining" if levels[-1] < self.resolution.value else ""))
-            self.result = LandscapeResult(s, list(levels), list(seconds), self.settings())
-        self.error = None
+    def update(self) -> LandscapeResult | None:
+        """Recompute for the current settings, drawing each level as it arrives (in a
+        background thread unless ``background=False``; then the result is returned)."""
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+        settings = self.settings()
+        if not self.background:
+            self._compute(generation, settings)
+            return self.result
+        self._thread = threading.Thread(target=self._compute, args=(generation, settings),
+                                        daemon=True, name="famviz-landscape")
+        self._thread.start()
+        return None
+
+    def wait(self, timeout: float | None = None) -> LandscapeResult | None:
+        """Block until the current computation has drawn its finest grid; return
+        :attr:`result`."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
         return self.result
 
+    @guarded
+    def _compute(self, generation: int, settings: dict) -> None:
+        timer = Timer()
+        d1, d2 = self._directions(settings)
+        levels, seconds = [], []
+        span, final = settings["span"], settings["resolution"]
+        for s in landscape.slice_2d_progressive(
+                self._model, self._data, d1, d2, (-span, span), levels=RESOLUTIONS[final],
+                test_data=self._test_data, loss=self.loss):
+            with self._lock:
+                if generation != self._generation:
+                    return  # the settings changed: a newer computation takes over
+                self._draw(s)
+                levels.append(len(s.x))
+                seconds.append(timer())
+                self._set_status(f"{len(s.x)} × {len(s.y)} grid drawn after {seconds[-1]:.2f} s"
+                                 + (" · refining" if levels[-1] < final else ""))
+                self.result = LandscapeResult(s, list(levels), list(seconds), settings)
+                self.error = None

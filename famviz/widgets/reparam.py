@@ -120,7 +120,7 @@ class ReparamExplorer(Dashboard):
 
     def __init__(self, model: nn.Module, data, layer: str | None = None,
                  measures=DEFAULT_MEASURES, *, loss="cross_entropy", seed: int = 0,
-                 span=(-1.0, 1.0), steps: int = 31, dtype: torch.dtype = torch.float64):
+                 span=(-1.0, 1.0), steps: int = 21, dtype: torch.dtype = torch.float64):
         super().__init__()
         check_model(model)
         names = [measures] if isinstance(measures, str) else list(measures)
