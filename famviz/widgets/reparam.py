@@ -388,6 +388,9 @@ class ReparamExplorer(Dashboard):
                 f"<td class='famviz-start-value'>{fmt(start[r.name].value)}</td>"
                 f"<td>{ratios[r.name]:.4g}×</td>{declared}</tr>")
         return (
+            "<style>.famviz-table td, .famviz-table th {padding: 1px 8px; text-align: right}"
+            ".famviz-table td:first-child, .famviz-table th:first-child {text-align: left}"
+            "</style>"
             "<table class='famviz-table' style='border-collapse:collapse;font-size:13px'>"
             f"<tr><th>measure</th><th>now</th><th>start</th><th>ratio</th>{head}</tr>"
             + "".join(rows) + "</table>"
