@@ -12,7 +12,7 @@ PIN    := $(VENV)/torch-pin.txt
 STAMP  := $(VENV)/.famviz-installed
 PYTEST_ARGS ?=
 
-.PHONY: lab test bench install clean
+.PHONY: lab test screenshots bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +34,28 @@ LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
 
-# unit tests, doctests and the tutorials (each notebook run in a fresh kernel by nbmake);
-# pytest's exit code 5 ("no tests collected") is not a failure
-test: $(STAMP)
+# Debian's Chromium for the real-browser tests (tests/browser; Playwright drives it, never a
+# browser from `playwright install`). Installed when missing, with sudo unless root. Where that
+# cannot be done the browser tests skip (and fail in CI, where CI is set).
+CHROMIUM := /usr/bin/chromium
+SUDO     := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
+
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium; \
+	fi; test -x $@ || echo "warning: no $@; the browser tests (tests/browser) will skip"
+
+# unit tests, doctests, the browser tests and the tutorials (each notebook run in a fresh
+# kernel by nbmake); pytest's exit code 5 ("no tests collected") is not a failure
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest --doctest-modules famviz tests --nbmake --nbmake-timeout=300 notebooks \
 	  $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# the dashboards' PNGs for the README (docs/images/), taken in Voila by tests/browser
+screenshots: $(STAMP) $(CHROMIUM)
+	@test -x $(CHROMIUM) || { echo "$(CHROMIUM) is needed for screenshots"; exit 1; }
+	FAMVIZ_ARTIFACTS=docs/images FAMVIZ_FAILURES=build/browser-artifacts \
+	  $(PY) -m pytest tests/browser/test_voila.py -q $(PYTEST_ARGS)
 
 $(VENV)/.famviz-bench: $(STAMP)
 	$(PY) -m pip install -c $(PIN) -e ".[dev,bench]"

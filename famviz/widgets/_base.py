@@ -3,8 +3,10 @@ where errors from callbacks are shown (never lost), and the last result."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import html
+import threading
 import time
 import traceback
 
@@ -47,12 +49,53 @@ class Dashboard:
         """Show an exception from a callback in the output area and the status line."""
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self.error = text
-        self.output.append_stderr(text)
-        self._set_status(f"error: {type(exc).__name__}: {exc}", error=True)
+
+        def show():
+            self.output.append_stderr(text)
+            self._set_status(f"error: {type(exc).__name__}: {exc}", error=True)
+
+        in_kernel_thread(show)
 
     def _set_status(self, text: str, *, error: bool = False) -> None:
         style = "color:#b00020" if error else "color:#444"
         self.status.value = f'<span style="{style}">{html.escape(text)}</span>'
+
+
+def _kernel_loop():
+    """The running IPython kernel's main event loop, or None outside a kernel."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with ipywidgets
+        return None
+    kernel = getattr(get_ipython(), "kernel", None)
+    return getattr(kernel, "io_loop", None)
+
+
+def in_kernel_thread(fn, *args) -> None:
+    """Call ``fn(*args)`` on the kernel's main thread.
+
+    Widget state must change only there: ipywidgets' echo suppression and plotly's edit
+    bookkeeping are not thread-safe, and updates sent from a worker thread were lost at random
+    in Voilà. From a worker thread inside a kernel the call is queued on the kernel's event
+    loop (tornado's ``add_callback`` is thread-safe); anywhere else it runs at once.
+    """
+    loop = _kernel_loop() if threading.current_thread() is not threading.main_thread() else None
+    if loop is None:
+        fn(*args)
+    else:
+        loop.add_callback(fn, *args)
+
+
+def publish(fig) -> None:
+    """Store a ``FigureWidget``'s current data and layout in its widget state.
+
+    plotly sends later changes to the views that exist as incremental messages and updates
+    the stored state only when the figure itself is displayed; a figure inside a box never is.
+    A view created later (Voilà connects after running the notebook; a reloaded page) would
+    show the figure as it was at creation. (plotly/plotly.py#4998)
+    """
+    fig._widget_layout = copy.deepcopy(fig._layout_obj._props)
+    fig._widget_data = copy.deepcopy(fig._data)
 
 
 def guarded(method):

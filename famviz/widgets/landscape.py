@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import landscape, plots
 from ..objective import check_model
-from ._base import Dashboard, Timer, guarded
+from ._base import Dashboard, Timer, guarded, in_kernel_thread, publish
 
 __all__ = ["LandscapeExplorer", "LandscapeResult", "RESOLUTIONS"]
 
@@ -129,14 +129,15 @@ class LandscapeExplorer(Dashboard):
 
     @guarded
     def _on_view(self, _change) -> None:
-        with self._lock:
-            if self.result is not None:
-                self._draw(self.result.slice)
+        if self.result is not None:
+            self._draw(self.result.slice)
 
     def _draw(self, s: landscape.Slice2D) -> None:
         test = self.which.value == "test"
         plots.surface(s, test=test, log=self.log.value, fig=self.surface_figure)
         plots.contour(s, test=test, log=self.log.value, fig=self.contour_figure)
+        publish(self.surface_figure)
+        publish(self.contour_figure)
 
     def update(self) -> LandscapeResult | None:
         """Recompute for the current settings, drawing each level as it arrives (in a
@@ -170,13 +171,18 @@ class LandscapeExplorer(Dashboard):
         for s in landscape.slice_2d_progressive(
                 self._model, self._data, d1, d2, (-span, span), levels=RESOLUTIONS[final],
                 test_data=self._test_data, loss=self.loss):
-            with self._lock:
-                if generation != self._generation:
-                    return  # the settings changed: a newer computation takes over
-                self._draw(s)
-                levels.append(len(s.x))
-                seconds.append(timer())
-                self._set_status(f"{len(s.x)} × {len(s.y)} grid drawn after {seconds[-1]:.2f} s"
-                                 + (" · refining" if levels[-1] < final else ""))
-                self.result = LandscapeResult(s, list(levels), list(seconds), settings)
-                self.error = None
+            if generation != self._generation:
+                return  # the settings changed: a newer computation takes over
+            levels.append(len(s.x))
+            seconds.append(timer())
+            self.result = LandscapeResult(s, list(levels), list(seconds), settings)
+            self.error = None
+            status = (f"{len(s.x)} × {len(s.y)} grid drawn after {seconds[-1]:.2f} s"
+                      + (" · refining" if levels[-1] < final else ""))
+            in_kernel_thread(self._show, generation, s, status)
+
+    @guarded
+    def _show(self, generation: int, s: landscape.Slice2D, status: str) -> None:
+        if generation == self._generation:  # not overtaken meanwhile
+            self._draw(s)
+            self._set_status(status)

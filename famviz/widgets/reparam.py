@@ -20,7 +20,7 @@ from .. import landscape, reparam
 from ..fam import last_linear
 from ..measures.table import MEASURES, MeasureTable, measure_all
 from ..objective import check_model
-from ._base import Dashboard, Timer, fmt, guarded
+from ._base import Dashboard, Timer, fmt, guarded, publish
 
 __all__ = ["ReparamExplorer", "ReparamResult", "DEFAULT_MEASURES"]
 
@@ -372,6 +372,8 @@ class ReparamExplorer(Dashboard):
                                                (filtered, self._filtered_start))):
                 self.slice_figure.data[2 * k].update(x=before.x, y=before.values)
                 self.slice_figure.data[2 * k + 1].update(x=now.x, y=now.values)
+        publish(self.measures_figure)
+        publish(self.slice_figure)
         self.readout.value = self._table_html(table, start, ratios, change)
 
     def _table_html(self, table, start, ratios, change) -> str:

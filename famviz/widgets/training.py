@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import fam
 from ..objective import check_model
-from ._base import Dashboard, Timer
+from ._base import Dashboard, Timer, in_kernel_thread, publish
 
 __all__ = ["TrainingExplorer", "TrainingRun"]
 
@@ -117,10 +117,13 @@ class TrainingExplorer(Dashboard):
         self._busy = False  # True from start() until the run's thread has finished its work
         self._stop = threading.Event()
         self._enable()
+        publish(self.figure)
+        self._figure_box = W.Box([self.figure])
+        self._fresh_figure = False  # see _renew_figure
         self._finish(
             W.HBox([W.VBox([self.method, W.HBox([self.lam, self.rho]), self.epochs]),
                     W.VBox([W.HBox([self.start_button, self.stop_button]), self.progress])]),
-            self.figure)
+            self._figure_box)
         self._set_status("ready: choose a method and press start (solid: train, dotted: test)")
 
     # ------------------------------------------------------------------------------ controls
@@ -162,6 +165,7 @@ class TrainingExplorer(Dashboard):
         label = self.label()
         self._stop.clear()
         self._busy = True
+        self._renew_figure()
         self._shift_runs()
         self.progress.max, self.progress.value = settings["epochs"], 0
         self._thread = threading.Thread(target=self._run, args=(label, settings), daemon=True,
@@ -198,23 +202,41 @@ class TrainingExplorer(Dashboard):
                           if self._test is not None else ""))
             verb = (f"stopped after {len(history)} of {settings['epochs']} epochs" if stopped
                     else f"finished {len(history)} epochs")
-            self._set_status(f"{label}: {verb} in {timer():.1f} s · {summary}")
+            in_kernel_thread(self._set_status, f"{label}: {verb} in {timer():.1f} s · {summary}")
         except Exception as exc:  # noqa: BLE001 - shown in the output area
             self._report(exc)
         finally:
             self._busy = False
-            self._enable()
+            in_kernel_thread(self._enable)
 
     def _on_epoch(self, epoch: int, model: nn.Module, history: fam.History) -> bool:
-        self._draw(history, offset=len(_TRACES))
-        self.progress.value = epoch
+        in_kernel_thread(self._draw, history)  # runs in the training thread
         return self._stop.is_set()
 
-    def _draw(self, history: fam.History, offset: int) -> None:
+    def _draw(self, history: fam.History) -> None:
+        offset = len(_TRACES)  # the current run's traces
         with self.figure.batch_update():
             for k, (_, key, _) in enumerate(_TRACES):
                 self.figure.data[offset + k].update(x=list(history.epoch),
                                                     y=list(getattr(history, key)))
+        publish(self.figure)
+        self.progress.value = len(history)
+
+    def _renew_figure(self) -> None:
+        """Replace the figure, once, by a copy made now.
+
+        In Voilà a figure created while the notebook ran (before the page connected) missed
+        the updates sent from the training thread in most page loads when a LandscapeExplorer
+        shared the page (root cause not found); a figure created after the page connected
+        always received them. The copy costs one more transfer of plotly's bundle.
+        """
+        if self._fresh_figure:
+            return
+        old = self.figure
+        self.figure = go.FigureWidget(old)
+        self._figure_box.children = (self.figure,)
+        old.close()
+        self._fresh_figure = True
 
     def _shift_runs(self) -> None:
         """The last run's curves turn grey; the current ones are cleared."""
@@ -228,3 +250,4 @@ class TrainingExplorer(Dashboard):
             for k in range(n):
                 self.figure.data[k].name = name
                 self.figure.data[n + k].name = self.label()
+        publish(self.figure)

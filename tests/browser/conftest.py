@@ -1,0 +1,437 @@
+"""Real-browser tests: famviz's widgets in JupyterLab and in Voilà, driven by Playwright.
+
+Playwright drives Debian's Chromium (``/usr/bin/chromium``; ``make test`` installs it), never a
+browser downloaded by ``playwright install``. Without it these tests skip locally and fail in CI
+(where ``CI`` is set). Each server runs from a session fixture on a free loopback port, on a
+temporary copy of ``notebooks/`` with its own Jupyter config, runtime, data and settings
+directories, so nothing is written into the repository or the user's Jupyter setup.
+
+Screenshots go to ``$FAMVIZ_ARTIFACTS`` (``make screenshots`` sets ``docs/images``), else to
+``build/browser-artifacts/``; a failed test leaves ``failure-<test>.png`` and ``.log`` (the
+server's log) in ``$FAMVIZ_FAILURES``, else beside the screenshots. Run only these tests with
+``pytest tests/browser``; leave them out with ``-m "not browser"``. ``FAMVIZ_BROWSER_NOTEBOOKS``
+serves another folder instead of ``notebooks/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# FAMVIZ_BROWSER_NOTEBOOKS: another folder to serve instead of notebooks/ (e.g. stand-ins that
+# follow the widgets' DOM contract, or a patched copy, to work on the tests or the dashboards)
+NOTEBOOKS = Path(os.environ.get("FAMVIZ_BROWSER_NOTEBOOKS") or REPO / "notebooks")
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+INSTALL_HINT = "apt-get update && apt-get install -y --no-install-recommends chromium"
+# a dashboard is about 1200 px wide; device scale 1 keeps the PNGs small
+VIEWPORT = {"width": 1400, "height": 1000}
+SERVER_START_TIMEOUT = 180  # s; a loaded 2-core machine can be 5-25x slower than an idle one
+
+# Timeouts (ms) for Playwright's expect(): kernel start, running a notebook, a widget update.
+KERNEL_TIMEOUT = 120_000
+RUN_TIMEOUT = 300_000
+UPDATE_TIMEOUT = 120_000
+TRAIN_TIMEOUT = 300_000
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "browser: real-browser test (Playwright + Chromium); deselect with -m 'not browser'",
+    )
+    # raised by pytest-playwright's own base_url fixture, not by these tests
+    config.addinivalue_line(
+        "filterwarnings",
+        "ignore:Session-scoped fixtures defined as instance methods"
+        ":pytest.PytestRemovedIn10Warning",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.browser)
+
+
+# --------------------------------------------------------------------------------------------
+# browser
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromium_executable():
+    if not Path(CHROMIUM).exists():
+        message = f"{CHROMIUM} is missing; install Debian's Chromium: {INSTALL_HINT}"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args, chromium_executable):
+    return {
+        **browser_type_launch_args,
+        "executable_path": chromium_executable,
+        "args": CHROMIUM_ARGS,
+    }
+
+
+@pytest.fixture(scope="session")
+def browser_context_args(browser_context_args):
+    return {**browser_context_args, "viewport": VIEWPORT, "device_scale_factor": 1}
+
+
+def _directory(variable: str, default: Path) -> Path:
+    value = os.environ.get(variable)
+    path = Path(value).resolve() if value else default
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir():
+    """Where the screenshots go: $FAMVIZ_ARTIFACTS, else build/browser-artifacts/."""
+    return _directory("FAMVIZ_ARTIFACTS", REPO / "build" / "browser-artifacts")
+
+
+@pytest.fixture(scope="session")
+def failures_dir(artifacts_dir):
+    """Where a failed test leaves its page and server log: $FAMVIZ_FAILURES, else beside the
+    screenshots (`make screenshots` keeps them out of docs/images)."""
+    path = _directory("FAMVIZ_FAILURES", artifacts_dir)
+    for old in path.glob("failure-*"):  # from an earlier run
+        old.unlink()
+    return path
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"famviz_rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def failure_artifacts(request, failures_dir):
+    """Collects (page, server) of a test; if the test fails, saves a screenshot of the page and
+    the tail of the server's log next to the other artifacts, and prints the log tail."""
+    watched = {}
+    yield watched
+    report = getattr(request.node, "famviz_rep_call", None)
+    if report is None or not report.failed:
+        return
+    stem = "failure-" + re.sub(r"[^\w.-]+", "_", request.node.name).strip("_")
+    page = watched.get("page")
+    if page is not None:
+        try:
+            page.screenshot(path=str(failures_dir / f"{stem}.png"), full_page=True)
+        except Exception as exc:  # noqa: BLE001 - the page may be gone; the log still helps
+            print(f"(no failure screenshot: {exc})")
+    server = watched.get("server")
+    if server is not None:
+        tail = server.log_tail()
+        (failures_dir / f"{stem}.log").write_text(tail)
+        print(f"--- {server.name} log (tail) ---\n{tail}")
+
+
+# --------------------------------------------------------------------------------------------
+# servers
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A Jupyter-style server in its own process group, logging to a file."""
+
+    def __init__(self, name, argv, env, cwd, log_path, ready_path):
+        self.name = name
+        self.log_path = log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [a.replace("{port}", str(self.port)) for a in argv]
+        self._log = open(log_path, "ab")  # noqa: SIM115 - open while the server runs
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kernels are stopped with it
+        )
+        try:
+            self._wait_ready(ready_path)
+        except BaseException:
+            self.stop()
+            raise
+
+    def log_tail(self, n_chars=6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n_chars:]
+        except OSError as exc:
+            return f"(log unreadable: {exc})"
+
+    def _wait_ready(self, ready_path):
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        last_error = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with code {self.proc.returncode} before it was ready; "
+                    f"log tail:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(self.url + ready_path, timeout=10) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError) as exc:
+                last_error = exc
+            time.sleep(0.25)
+        raise RuntimeError(
+            f"{self.name} did not answer {ready_path} within {SERVER_START_TIMEOUT} s "
+            f"(last error: {last_error}); log tail:\n{self.log_tail()}"
+        )
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+        # kernels started by the server share its process group; make sure none survive
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if not self._log.closed:
+            self._log.close()
+
+
+def start_server(name, argv, env, cwd, log_path, ready_path, attempts=3) -> Server:
+    """Start a server on a free port; try another port if the chosen one was taken meanwhile."""
+    for attempt in range(attempts):
+        try:
+            return Server(name, argv, env, cwd, log_path, ready_path)
+        except RuntimeError as exc:
+            taken = "already in use" in str(exc) or "Address in use" in str(exc)
+            if not taken or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _jupyter_env(base: Path) -> dict:
+    """Environment for a server: every Jupyter directory in `base`, so the user's own config,
+    kernelspecs, workspaces and settings play no part, and nothing is written outside."""
+    dirs = {
+        "JUPYTER_CONFIG_DIR": base / "config",
+        "JUPYTER_RUNTIME_DIR": base / "runtime",
+        "JUPYTER_DATA_DIR": base / "data",
+        "JUPYTERLAB_SETTINGS_DIR": base / "settings",
+        "JUPYTERLAB_WORKSPACES_DIR": base / "workspaces",
+        "IPYTHONDIR": base / "ipython",
+    }
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in dirs.items()})
+    env["PYTHONUNBUFFERED"] = "1"
+    # the kernels' models are small; on a shared 2-core machine one BLAS thread is steadier
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    # the tests pass --IdentityProvider.token= / no token; a token from the caller must not win
+    env.pop("JUPYTER_TOKEN", None)
+    return env
+
+
+def _write_lab_settings(settings_dir: Path):
+    files = {
+        # no news / update toast over the page
+        "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+            "fetchNews": "false",
+            "checkForUpdates": False,
+        },
+        # every cell in the DOM (no windowing), so widgets below the fold can be found
+        "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+    }
+    for rel, content in files.items():
+        path = settings_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content))
+
+
+def _copy_notebooks(root: Path) -> Path:
+    """A private copy of notebooks/ (executed notebooks and checkpoints are written there)."""
+    if NOTEBOOKS.is_dir():
+        shutil.copytree(
+            NOTEBOOKS, root, dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"),
+        )
+    return root
+
+
+def require_notebook(root: Path, name: str) -> str:
+    if not (root / name).is_file():
+        pytest.fail(f"notebooks/{name} does not exist (the test opens it)", pytrace=False)
+    return name
+
+
+@pytest.fixture(scope="session")
+def lab_server(tmp_path_factory, chromium_executable):
+    base = tmp_path_factory.mktemp("lab")
+    env = _jupyter_env(base)
+    _write_lab_settings(Path(env["JUPYTERLAB_SETTINGS_DIR"]))
+    root = _copy_notebooks(base / "root")
+    argv = [
+        sys.executable, "-m", "jupyterlab", "--no-browser",
+        "--ServerApp.ip=127.0.0.1", "--ServerApp.port={port}", "--ServerApp.port_retries=0",
+        "--ServerApp.allow_root=True", "--IdentityProvider.token=",
+        "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={root}",
+        "--LabApp.extension_manager=readonly", "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.expose_app_in_browser=True",
+    ]
+    server = start_server("JupyterLab", argv, env, root, base / "lab.log", "/api/status")
+    server.root = root
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def voila_server(tmp_path_factory, chromium_executable):
+    base = tmp_path_factory.mktemp("voila")
+    env = _jupyter_env(base)
+    root = _copy_notebooks(base / "root")
+    argv = [
+        sys.executable, "-m", "voila", "--no-browser", "--port={port}", "--Voila.ip=127.0.0.1",
+        "--Voila.port_retries=0", "--show_tracebacks=True", str(root),
+    ]
+    # Voilà serves its directory listing at / once it is up; notebooks are run per page load
+    server = start_server("Voila", argv, env, root, base / "voila.log", "/")
+    server.root = root
+    yield server
+    server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# the ReparamExplorer check shared by the JupyterLab and the Voilà test
+# --------------------------------------------------------------------------------------------
+
+# a readout value: 5 significant digits, e.g. 1.2346e-02 (or 0.012346)
+NUMBER = r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*"
+
+
+def check_alpha_invariance(widget, presses=3):
+    """T1 in the browser: move the first α slider of a ReparamExplorer (`widget`, the locator of
+    its root) with the keyboard; Tr(H)'s readout must change and κ's must stay identical.
+    Returns (kappa, trace before, trace after) as displayed."""
+    from playwright.sync_api import expect
+
+    kappa = widget.locator('.famviz-value[data-measure="relative_flatness"]').first
+    trace = widget.locator('.famviz-value[data-measure="hessian_trace"]').first
+    expect(kappa).to_have_text(re.compile(f"^{NUMBER}$"), timeout=RUN_TIMEOUT)
+    expect(trace).to_have_text(re.compile(f"^{NUMBER}$"), timeout=UPDATE_TIMEOUT)
+    kappa_before = kappa.inner_text().strip()
+    trace_before = trace.inner_text().strip()
+
+    handle = widget.locator(".famviz-alpha .noUi-handle").first
+    handle.scroll_into_view_if_needed()
+    handle.focus()
+    for _ in range(presses):
+        handle.press("ArrowRight")
+
+    # first wait for the update to land (a number other than the old Tr(H)), then compare κ
+    changed = re.compile(rf"^(?!\s*{re.escape(trace_before)}\s*$){NUMBER}$")
+    expect(trace).to_have_text(changed, timeout=UPDATE_TIMEOUT)
+    expect(kappa).to_have_text(kappa_before, timeout=UPDATE_TIMEOUT)
+    return kappa_before, trace_before, trace.inner_text().strip()
+
+
+# Each plotly figure inside `root` has been drawn with data (a trace with points). A plotly >= 6
+# FigureWidget sends later changes (add_trace, update, batch_update) as one-off messages and keeps
+# its synced state (_widget_data, _widget_layout) from creation, refreshed only when the figure
+# itself is displayed (plotly/plotly.py#4998). Inside a box, shown by a browser that connects after
+# the changes (Voila runs the notebook first; a reloaded JupyterLab page), it shows empty axes.
+PLOTS_HAVE_DATA = """(root) => {
+  const plots = [...root.querySelectorAll('.js-plotly-plot')];
+  const hasPoints = (t) => ['x', 'y', 'z'].some((k) => t[k] && t[k].length > 0);
+  return plots.length > 0 && plots.every((p) => Array.isArray(p.data) && p.data.some(hasPoints));
+}"""
+PLOTS_SUMMARY = """(root) => [...root.querySelectorAll('.js-plotly-plot')].map((p) =>
+  Array.isArray(p.data)
+    ? p.data.map((t) => ['x', 'y', 'z'].map((k) => (t[k] || []).length))
+    : null)"""
+
+
+def check_plots_have_data(widget, timeout=UPDATE_TIMEOUT):
+    """Every `.js-plotly-plot` in the dashboard `widget` (a locator) shows at least one trace
+    with points; fails with, per plot, each trace's (len x, len y, len z) otherwise."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    handle = widget.element_handle(timeout=timeout)
+    try:
+        widget.page.wait_for_function(PLOTS_HAVE_DATA, arg=handle, timeout=timeout, polling=250)
+    except PlaywrightError as exc:
+        summary = handle.evaluate(PLOTS_SUMMARY)
+        raise AssertionError(
+            f"a plotly figure has no data (per plot, per trace: len x, y, z): {summary}"
+        ) from exc
+
+
+# What the plotly figures in `root` show: a string that changes when any trace's data does.
+PLOTS_SIGNATURE = """(root) => JSON.stringify([...root.querySelectorAll('.js-plotly-plot')].map(
+  (p) => (p.data || []).map((t) => [t.x, t.y, t.z])))"""
+
+
+def plots_signature(widget) -> str:
+    return widget.evaluate(PLOTS_SIGNATURE)
+
+
+def check_plots_changed(widget, before: str, timeout=UPDATE_TIMEOUT):
+    """The dashboard's plotly figures have been redrawn with new data since `before`
+    (from :func:`plots_signature`): the figure views receive the kernel's updates."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    handle = widget.element_handle(timeout=timeout)
+    try:
+        widget.page.wait_for_function(
+            f"([root, before]) => ({PLOTS_SIGNATURE})(root) !== before",
+            arg=[handle, before], timeout=timeout, polling=250,
+        )
+    except PlaywrightError as exc:
+        raise AssertionError(
+            "the dashboard's plotly figures did not change after the update (the figure views "
+            "got no updates from the kernel)"
+        ) from exc
