@@ -12,7 +12,11 @@ import torch
 import famviz as fv
 from famviz import reparam
 from famviz.widgets import LandscapeExplorer, ReparamExplorer, TrainingExplorer
-from tests.helpers import assert_call_leaves_caller_alone, model_state, assert_same_state
+from tests.helpers import (
+    assert_call_leaves_caller_alone,
+    assert_same_state,
+    model_state,
+)
 
 REL = 1e-9  # float64 evaluation: invariant readouts agree far beyond the digits shown
 
