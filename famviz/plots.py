@@ -35,10 +35,13 @@ def _check(s, cls):
         raise TypeError(f"expected a {cls.__name__}, got {type(s).__name__}")
 
 
-def _grid(s: Slice2D, test: bool) -> np.ndarray:
+def _grid(s: Slice2D, test: bool, log: bool) -> tuple[np.ndarray, str]:
+    """The values a 2-D figure draws (log10 if ``log``) and their label."""
     if test and s.test_values is None:
         raise ValueError("this slice has no test values: compute it with test_data=")
-    return s.test_values if test else s.values
+    z = s.test_values if test else s.values
+    zz = np.log10(np.maximum(z, 1e-12)) if log else z
+    return zz, ("log10 " if log else "") + ("test" if test else "train") + " loss"
 
 
 def surface(s: Slice2D, *, test: bool = False, log: bool = False, fig: go.Figure | None = None,
@@ -49,9 +52,7 @@ def surface(s: Slice2D, *, test: bool = False, log: bool = False, fig: go.Figure
     hence the transpose.
     """
     _check(s, Slice2D)
-    z = _grid(s, test)
-    zz = np.log10(np.maximum(z, 1e-12)) if log else z
-    label = ("log10 " if log else "") + ("test" if test else "train") + " loss"
+    zz, label = _grid(s, test, log)
     fig = fig if fig is not None else go.Figure()
     with fig.batch_update():
         fig.data = []
@@ -76,9 +77,7 @@ def contour(s: Slice2D, *, test: bool = False, trajectory: np.ndarray | None = N
     (T, 2) array of coordinates (e.g. :attr:`TrajectoryDirections.coords`) drawn as a path.
     Levels are log-spaced by default, since losses span orders of magnitude."""
     _check(s, Slice2D)
-    z = _grid(s, test)
-    zz = np.log10(np.maximum(z, 1e-12)) if log else z
-    label = ("log10 " if log else "") + ("test" if test else "train") + " loss"
+    zz, label = _grid(s, test, log)
     fig = fig if fig is not None else go.Figure()
     with fig.batch_update():
         fig.data = []
