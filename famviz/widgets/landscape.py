@@ -79,8 +79,8 @@ class LandscapeExplorer(Dashboard):
         self._hessian: list | None = None  # computed on first use, then kept
         self.background = bool(background)
         self._thread: threading.Thread | None = None
-        self._generation = 0  # bumped by every change; a computation of an older one stops
-        self._lock = threading.Lock()
+        # bumped by every change (on the kernel thread); a computation of an older one stops
+        self._generation = 0
         style = {"description_width": "90px"}
         self.kind = W.Dropdown(options=[("random", "random"), ("Hessian top-2", "hessian")],
                                value="random", description="directions", style=style)
@@ -142,9 +142,8 @@ class LandscapeExplorer(Dashboard):
     def update(self) -> LandscapeResult | None:
         """Recompute for the current settings, drawing each level as it arrives (in a
         background thread unless ``background=False``; then the result is returned)."""
-        with self._lock:
-            self._generation += 1
-            generation = self._generation
+        self._generation += 1
+        generation = self._generation
         settings = self.settings()
         if not self.background:
             self._compute(generation, settings)

@@ -230,6 +230,7 @@ class ReparamExplorer(Dashboard):
             W.HBox([self.randomize_button, self.reset_button]),
         ])
         self._start = self._measure(self._start_model)
+        self._start_norm: MeasureTable | None = None  # the same with κ std-normalized, on demand
         self._raw_start = self._slice(self._start_model, self._raw_direction)
         self._filtered_start = self._raw_start  # at the start the two directions coincide
         self._finish(W.HBox([controls, self.readout]),
@@ -339,7 +340,7 @@ class ReparamExplorer(Dashboard):
 
     def _start_normalized(self) -> MeasureTable:
         """The start table with κ on std-normalized features (computed once)."""
-        if not hasattr(self, "_start_norm"):
+        if self._start_norm is None:
             self._start_norm = self._measure(self._start_model)
         return self._start_norm
 
