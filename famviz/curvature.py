@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .objective import Objective
+from .objective import Objective, shared_names
 
 __all__ = [
     "HessianOperator",
@@ -380,7 +380,10 @@ def loss_hessian_factor(loss_name: str, output: Tensor) -> Tensor:
 
 
 def _sequential_leaves(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
-    """Leaf modules in execution order when ``model`` is built only from nn.Sequential."""
+    """Leaf modules in execution order when ``model`` is built only from nn.Sequential, and
+    uses no module or parameter twice (a shared one breaks the per-layer closed forms)."""
+    if shared_names(model):
+        return None
     leaves: list[tuple[str, nn.Module]] = []
 
     def walk(prefix: str, module: nn.Module) -> bool:

@@ -71,6 +71,7 @@ from .objective import (
     check_targets,
     resolve_layer,
     resolve_loss,
+    shared_names,
 )
 
 __all__ = [
@@ -166,7 +167,7 @@ def last_linear(model: nn.Module) -> str:
 
 def _layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Linear]:
     name = last_linear(model) if layer is None else layer
-    return name, resolve_layer(model, name, (nn.Linear,))
+    return name, resolve_layer(model, name, (nn.Linear,), unshared=True)
 
 
 # ------------------------------------------------------------------------- forward machinery
@@ -216,7 +217,8 @@ class _Target:
                 return False
             return all(walk(c) for c in children)
 
-        if isinstance(model, nn.Sequential) and walk(model):
+        # a module or parameter used twice is not one layer of a stack: run the model whole
+        if isinstance(model, nn.Sequential) and not shared_names(model) and walk(model):
             hits = [i for i, m in enumerate(leaves) if m is self.module]
             if len(hits) == 1:
                 self.leaves, self.index = leaves, hits[0]

@@ -1,25 +1,34 @@
 """The objective every measure differentiates: model + loss + data -> E(params).
 
 :class:`Objective` evaluates the mean loss over *all* samples of ``data`` at any name-keyed
-parameter dict through :func:`torch.func.functional_call`, so the caller's model is never
-touched: its weights, ``.grad``, ``requires_grad`` flags and train/eval modes are exactly as
+parameter dict through :func:`torch.func.functional_call` on a famviz-owned **replica** of the
+caller's model (:func:`replicate`: the same modules, hooks and attributes, with parameters and
+buffers of its own). The caller's module is only read: no tensor inside it is ever swapped, no
+flag flipped and no hook registered, so threads, Ctrl-C and shared weights cannot leave it
+changed; its weights, ``.grad``, ``requires_grad`` flags and train/eval modes are exactly as
 they were afterwards.
 
-Conventions (DESIGN.md):
+Conventions (docs/math.md):
 
 * ``data`` is a tuple ``(X, y)`` of tensors (or arrays), or an iterable of ``(X, y)`` batches such
   as a ``DataLoader``. An iterable is read once and its batches are kept, so every evaluation
-  (e.g. each Hessian-vector product of a power iteration) sees the same data. The loss is the
-  mean over all samples: batch losses weighted by batch size.
+  (e.g. each Hessian-vector product of a power iteration) sees the same data. Reading it never
+  changes torch's global random state (a ``DataLoader`` draws its base seed from it). The loss is
+  the mean over all samples: batch losses weighted by batch size.
 * ``loss`` is ``"cross_entropy"`` or ``"mse"`` (``torch.nn.functional`` semantics,
   ``reduction="mean"``) or a callable ``(output, target) -> scalar`` that averages over its batch.
 * BatchNorm is evaluated in eval mode (running statistics) by default, ``bn="train"`` uses batch
   statistics; dropout is always off. The policy is recorded in every result.
+* Precision: the default evaluation dtype is the model's parameter dtype, raised to float32 for
+  half-precision (float16 / bfloat16) models: second derivatives and small loss differences are
+  not representable in half precision. ``dtype=torch.float64`` gives exact numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +39,7 @@ from torch.func import functional_call
 
 __all__ = [
     "LOSSES",
+    "check_dtype",
     "check_targets",
     "check_model",
     "BN_POLICIES",
@@ -38,6 +48,11 @@ __all__ = [
     "check_option",
     "resolve_layer",
     "resolve_params",
+    "check_unshared",
+    "preserve_global_rng",
+    "replicate",
+    "shared_names",
+    "LayerReusedError",
 ]
 
 #: named losses; anything else must be a callable
@@ -65,6 +80,22 @@ def _to_tensor(a, what: str) -> Tensor:
         return torch.as_tensor(a)
     except Exception as exc:  # pragma: no cover - message only
         raise TypeError(f"{what} must be a tensor or array, got {type(a).__name__}") from exc
+
+
+_RNG_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def preserve_global_rng() -> Iterator[None]:
+    """Run a block that may draw from torch's global generators (iterating a user's
+    ``DataLoader`` draws its base seed there; a dataset's augmentation may draw more) and put
+    their states back afterwards, also on error. famviz's own blocks hold one lock, so two
+    threads running famviz cannot restore each other's states in the wrong order."""
+    with _RNG_LOCK:
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        devices = list(range(torch.cuda.device_count())) if cuda else []
+        with torch.random.fork_rng(devices=devices):
+            yield
 
 
 def _is_single_batch(data) -> bool:
@@ -97,7 +128,9 @@ def as_batches(
             f"data must be (X, y) or an iterable of (X, y) batches, got {type(data).__name__}"
         )
     batches = []
-    for i, batch in enumerate(raw):
+    with preserve_global_rng():
+        items = list(raw)
+    for i, batch in enumerate(items):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(
                 f"batch {i} of data is {type(batch).__name__}; each batch must be a pair (X, y)"
@@ -124,6 +157,12 @@ def as_batches(
             y = y.to(device=device)
         batches.append((X, y))
     if not batches:
+        if iter(data) is data:
+            raise ValueError(
+                "data is an iterator that holds no batches (any more): famviz may read data more "
+                "than once (e.g. normalize_features=True). Pass a list of batches, a DataLoader "
+                "or (X, y) instead of a generator"
+            )
         raise ValueError("data is empty: it holds no samples")
     return batches
 
@@ -198,17 +237,109 @@ def resolve_loss(loss) -> tuple[str, Callable[[Tensor, Tensor], Tensor]]:
 
 
 def check_model(model) -> nn.Module:
+    """``model`` if it is an ``nn.Module`` with at least one parameter that holds values."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return model
 
 
-def resolve_layer(model: nn.Module, layer: str, types: tuple[type, ...] = (nn.Linear,)) -> nn.Module:
+#: dtypes famviz computes in; half precision is raised to float32 (see the module docstring)
+COMPUTE_DTYPES = (torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64,
+                "double": torch.float64}
+
+
+def check_dtype(dtype, model: nn.Module | None = None) -> torch.dtype:
+    """The evaluation dtype: ``dtype`` (a torch dtype or its name, ``"float64"``), or by default
+    the model's parameter dtype with half precision raised to float32.
+
+    Raises:
+        TypeError / ValueError: anything but float32 / float64 (names included), with what to
+            pass instead.
+    """
+    if dtype is None:
+        first = next((p for p in model.parameters() if p.is_floating_point()), None) \
+            if model is not None else None
+        if first is None:
+            return torch.get_default_dtype()
+        return torch.float32 if first.dtype in _HALF else first.dtype
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in _DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: torch.float32, torch.float64 "
+                             f"(or their names {', '.join(map(repr, _DTYPE_NAMES))})")
+        return _DTYPE_NAMES[dtype.removeprefix("torch.")]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch dtype such as torch.float64, got "
+                        f"{type(dtype).__name__}")
+    if dtype in _HALF:
+        raise ValueError(f"dtype={dtype} is too coarse for curvature and small loss differences "
+                         "(they round to 0); famviz computes in float32 or float64: pass "
+                         "dtype=torch.float32 (half-precision models are evaluated in float32 by "
+                         "default)")
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+def shared_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter or module name that reaches an object also reached under another name
+    (weight tying, a module used twice): ``{alias: first name}``. Empty for ordinary models."""
+    aliases: dict[str, str] = {}
+    for items in (model.named_modules(remove_duplicate=False),
+                  model.named_parameters(remove_duplicate=False)):
+        first: dict[int, str] = {}
+        for name, obj in items:
+            if id(obj) in first:
+                aliases[name] = first[id(obj)]
+            else:
+                first[id(obj)] = name
+    return aliases
+
+
+def replicate(model: nn.Module, params: dict[str, Tensor] | None = None,
+              buffers: dict[str, Tensor] | None = None) -> nn.Module:
+    """A famviz-owned replica of ``model``: the same module structure, hooks and attributes (a
+    deep copy), but with parameters and buffers of its own.
+
+    Its parameters are ``params`` (name-keyed like ``named_parameters()``; default: detached
+    aliases of the model's, which share memory and are never written) and its buffers
+    ``buffers`` (default: copies). Tied parameters and modules used twice stay tied in the
+    replica. Evaluating, hooking or switching modes on the replica never touches ``model``.
+    """
+    memo: dict[int, object] = {}
+    for name, p in model.named_parameters():
+        t = p.detach() if params is None else params[name]
+        memo[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad and t.is_floating_point())
+    for name, b in model.named_buffers():
+        memo[id(b)] = b.detach().clone() if buffers is None else buffers[name]
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:
+        raise TypeError(
+            f"famviz evaluates a private copy of the model's structure (copy.deepcopy) so that "
+            f"the model itself is never changed, and copying {type(model).__name__} failed "
+            f"({type(exc).__name__}: {exc}); make the model deep-copyable (e.g. drop references "
+            "to locks or open files; for torch.compile, pass model._orig_mod)"
+        ) from exc
+
+
+class LayerReusedError(ValueError):
+    """A layer whose inputs and outputs famviz reads ran more than once in one forward pass
+    (a module used twice): per-layer closed forms do not apply."""
+
+
+def resolve_layer(model: nn.Module, layer: str, types: tuple[type, ...] = (nn.Linear,), *,
+                  unshared: bool = False) -> nn.Module:
     """The submodule called ``layer``; it must be an instance of one of ``types``.
+
+    With ``unshared``, the layer must also be used under one name only and share no parameter
+    with another module (per-layer measures and rescalings are defined for such a layer).
 
     Raises:
         TypeError: ``layer`` is not a string (layers are chosen by name, never by position).
-        ValueError: no such module (the message lists the valid names) or the wrong type.
+        ValueError: no such module (the message lists the valid names), the wrong type, or
+            (``unshared``) a module used twice or with tied weights.
     """
     check_model(model)
     valid = [n for n, m in model.named_modules() if n and isinstance(m, types)]
@@ -226,7 +357,26 @@ def resolve_layer(model: nn.Module, layer: str, types: tuple[type, ...] = (nn.Li
             f"layer {layer!r} is {type(module).__name__}; only {kinds} layers are supported "
             f"here. {kinds} layers of this model: {valid}"
         )
+    if unshared:
+        check_unshared(model, layer, module)
     return module
+
+
+def check_unshared(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Raise a ValueError when ``module`` (called ``name``) is registered under a second name
+    (used twice) or shares a parameter with another module (tied weights)."""
+    own = {id(p) for p in module.parameters(recurse=False)}
+    for other_name, other in model.named_modules(remove_duplicate=False):
+        if other is module and other_name != name:
+            raise ValueError(
+                f"layer {name!r} is the same module as {other_name!r} (used twice); a per-layer "
+                "measure or rescaling is defined for a layer that is used once"
+            )
+        if other is not module and any(id(p) in own for p in other.parameters(recurse=False)):
+            raise ValueError(
+                f"a parameter of layer {name!r} is shared with module {other_name!r} (tied "
+                "weights); a per-layer measure or rescaling would also act on that module"
+            )
 
 
 def resolve_params(model: nn.Module, params=None) -> list[str]:
@@ -238,6 +388,7 @@ def resolve_params(model: nn.Module, params=None) -> list[str]:
     all_names = [n for n, _ in check_model(model).named_parameters()]
     if params is None:
         return all_names
+    aliases = shared_names(model)  # a tied parameter is selected by any of its names
     wanted = [params] if isinstance(params, str) else list(params)
     if not wanted:
         raise ValueError("params is empty; pass None for all parameters")
@@ -246,10 +397,11 @@ def resolve_params(model: nn.Module, params=None) -> list[str]:
     for w in wanted:
         if not isinstance(w, str):
             raise TypeError(f"params must hold names (str), got {type(w).__name__}")
-        if w in all_names:
-            chosen.add(w)
+        if w in all_names or w in aliases and aliases[w] in all_names:
+            chosen.add(aliases.get(w, w))
         elif w in modules and w:
-            names = [f"{w}.{n}" for n, _ in modules[w].named_parameters()]
+            names = [aliases.get(f"{w}.{n}", f"{w}.{n}")
+                     for n, _ in modules[w].named_parameters(remove_duplicate=False)]
             if not names:
                 raise ValueError(f"module {w!r} has no parameters")
             chosen.update(names)
@@ -300,34 +452,54 @@ class Objective:
                  bn: str = "eval"):
         check_model(model)
         check_option("bn", bn, BN_POLICIES)
-        first = next(iter(model.parameters()), None)
-        if first is None:
-            raise ValueError("the model has no parameters")
-        if dtype is None:
-            dtype = first.dtype
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-        self.device = torch.device(device) if device is not None else first.device
+        named = list(model.named_parameters())
+        if not named:
+            raise ValueError("the model has no parameters: there is nothing to measure")
+        for name, p in named:
+            if p.is_meta:
+                raise ValueError(f"parameter {name!r} is on the meta device and holds no values; "
+                                 "materialize the model first (model.to_empty(device=...) and "
+                                 "load_state_dict)")
+        dtype = check_dtype(dtype, model)
+        self.device = torch.device(device) if device is not None else named[0][1].device
         self.dtype = dtype
-        self.model = model
         self.bn = bn
         self.loss_name, self.loss_fn = resolve_loss(loss)
         self.params: dict[str, Tensor] = {}
-        for name, p in model.named_parameters():
+        for name, p in named:
             t = p.detach().to(
                 device=self.device, dtype=dtype if p.is_floating_point() else None, copy=True
             )
-            if not torch.isfinite(t).all():
+            if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(f"parameter {name!r} contains NaN or inf")
             self.params[name] = t
-        self.buffers: dict[str, Tensor] = {
-            name: b.detach().to(
+        self.buffers: dict[str, Tensor] = {}
+        for name, b in model.named_buffers():
+            t = b.detach().to(
                 device=self.device, dtype=dtype if b.is_floating_point() else None, copy=True
             )
-            for name, b in model.named_buffers()
-        }
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(
+                    f"buffer {name!r} contains NaN or inf (e.g. BatchNorm statistics after a "
+                    "diverged training step): every output would be NaN; reset or re-estimate it"
+                )
+            self.buffers[name] = t
+        #: the private replica every evaluation runs on; the caller's ``model`` is only read
+        self.model = replicate(model, self.params, self.buffers)
         self.batches = as_batches(data, dtype=dtype, device=self.device)
+        if self.loss_name == "cross_entropy":
+            # class indices of any integer (or bool) dtype, as F.cross_entropy needs them
+            self.batches = [(X, y.long() if not y.is_floating_point() else y)
+                            for X, y in self.batches]
         self.num_samples = sum(len(X) for X, _ in self.batches)
+        if bn == "train" and any(isinstance(m, _BATCHNORM) for m in self.model.modules()):
+            small = [i for i, (X, _) in enumerate(self.batches) if len(X) < 2]
+            if small:
+                raise ValueError(
+                    f"bn='train' normalizes with batch statistics, and batch {small[0]} of data "
+                    "holds a single sample (its variance is undefined); use larger batches "
+                    "(e.g. drop_last=True) or bn='eval'"
+                )
         self._check_shapes()
 
     def _check_shapes(self) -> None:
@@ -401,7 +573,11 @@ class Objective:
 
         The output is replaced by a tensor that autograd can differentiate with respect to, so
         ``torch.autograd.grad(out, captured[layer]["z"], ...)`` backpropagates to the layer's
-        outputs. Hooks are removed afterwards, whatever happens.
+        outputs. Hooks are removed afterwards, whatever happens (they live on the replica).
+
+        Raises:
+            LayerReusedError: a captured layer ran twice in one forward pass (a module used
+                twice): its input and output are not one ``phi`` and one ``z``.
         """
         modules = dict(self.model.named_modules())
         captured: dict[str, dict[str, Tensor]] = {name: {} for name in layers}
@@ -409,6 +585,11 @@ class Objective:
 
         def make_hook(name):
             def hook(module, inputs, output):
+                if "z" in captured[name]:
+                    raise LayerReusedError(
+                        f"layer {name!r} runs more than once in one forward pass (the same "
+                        "module is used twice); per-layer closed forms do not apply to it"
+                    )
                 z = output if output.requires_grad else output.detach().requires_grad_(True)
                 captured[name]["phi"] = inputs[0]
                 captured[name]["z"] = z
@@ -416,7 +597,12 @@ class Objective:
 
             return hook
 
+        def new_pass(module, inputs):  # slots hold one forward pass each
+            for slot in captured.values():
+                slot.clear()
+
         try:
+            handles.append(self.model.register_forward_pre_hook(new_pass))
             for name in layers:
                 handles.append(modules[name].register_forward_hook(make_hook(name)))
             yield captured

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, hessian
 
-from .objective import as_batches, resolve_layer, resolve_params
+from .objective import as_batches, replicate, resolve_layer, resolve_params
 
 __all__ = ["dense_hessian", "block_traces", "relative_flatness_bruteforce"]
 
@@ -30,8 +30,8 @@ def _loss_fn(loss):
 def dense_hessian(model: nn.Module, data, loss="cross_entropy", params=None,
                   dtype=torch.float64) -> tuple[Tensor, list[str]]:
     """The full Hessian of the mean loss w.r.t. the selected parameters, flattened in
-    ``named_parameters()`` order; returns ``(H, names)``. The model is evaluated in eval mode
-    (restored afterwards) and never modified.
+    ``named_parameters()`` order; returns ``(H, names)``. A replica of the model is evaluated
+    in eval mode; the model itself is never modified.
     """
     names = resolve_params(model, params)
     batches = as_batches(data, dtype=dtype)
@@ -51,17 +51,11 @@ def dense_hessian(model: nn.Module, data, loss="cross_entropy", params=None,
         parts = torch.split(flat, sizes)
         p = dict(base)
         p.update({n: t.reshape(s) for n, t, s in zip(names, parts, shapes)})
-        return fn(functional_call(model, (p, buffers), (X,)), y)
+        return fn(functional_call(net, (p, buffers), (X,)), y)
 
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        flat = torch.cat([base[n].reshape(-1) for n in names])
-        H = hessian(f)(flat)
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    return H, names
+    net = replicate(model, base, buffers).eval()
+    flat = torch.cat([base[n].reshape(-1) for n in names])
+    return hessian(f)(flat), names
 
 
 def block_traces(H_weight: Tensor, d: int, m: int) -> Tensor:

@@ -227,22 +227,8 @@ def _layer_below(graph: fx.Graph, modules: dict[str, nn.Module], layer: str) -> 
     )
 
 
-def _check_not_shared(model: nn.Module, name: str, module: nn.Module) -> None:
-    own = {id(p) for p in module.parameters(recurse=False)}
-    for other_name, other in model.named_modules(remove_duplicate=False):
-        if other is module:
-            continue
-        if any(id(p) in own for p in other.parameters(recurse=False)):
-            raise ValueError(
-                f"a parameter of layer {name!r} is shared with module {other_name!r} (tied "
-                "weights); rescaling it would change that module too"
-            )
-
-
 def _linear(model: nn.Module, name: str) -> nn.Linear:
-    module = resolve_layer(model, name, (nn.Linear,))
-    _check_not_shared(model, name, module)
-    return module
+    return resolve_layer(model, name, (nn.Linear,), unshared=True)
 
 
 def _pair(model: nn.Module, first: str, second: str) -> tuple[nn.Linear, nn.Linear]:

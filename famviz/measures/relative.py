@@ -31,7 +31,16 @@ from ..curvature import (
     piecewise_linear_after,
     rademacher,
 )
-from ..objective import LOSSES, Objective, ObjectiveInfo, check_option, resolve_layer
+from ..objective import (
+    LOSSES,
+    LayerReusedError,
+    Objective,
+    ObjectiveInfo,
+    check_option,
+    resolve_layer,
+    resolve_params,
+    shared_names,
+)
 
 __all__ = [
     "RelativeFlatnessResult",
@@ -139,9 +148,13 @@ def _hutchinson(op: HessianOperator, d: int, m: int, probes: int, seed: int, M: 
 
 
 def _is_output_layer(obj: Objective, layer: str) -> bool:
+    """True when the layer's output is the model's output (and the layer runs once)."""
     X = obj.batches[0][0][:1]
-    with torch.no_grad(), obj.capture([layer]) as cap:
-        out = obj.forward({}, X)
+    try:
+        with torch.no_grad(), obj.capture([layer]) as cap:
+            out = obj.forward({}, X)
+    except LayerReusedError:
+        return False
     return cap[layer]["z"] is out
 
 
@@ -217,22 +230,30 @@ def relative_flatness(
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalize {normalize!r}; valid: None, 'm'")
     module = resolve_layer(model, layer, (nn.Linear,))
+    if not isinstance(module.weight, nn.Parameter):
+        raise ValueError(
+            f"the weight of layer {layer!r} is computed, not a parameter (weight_norm or a "
+            "parametrization); relative flatness needs the weight W itself as a parameter — "
+            "remove the reparametrization first (e.g. torch.nn.utils.remove_weight_norm)"
+        )
     if normalize_features:
         from ..reparam import normalize_features as _canonical
 
         model = _canonical(model, layer, data)
     obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
     d, m = module.weight.shape
+    weight = resolve_params(model, f"{layer}.weight")[0]  # a tied weight: its first name
     want_blocks = variant == "neuronwise_max"
 
-    closed_ok = obj.loss_name in LOSSES and (
+    closed_ok = obj.loss_name in LOSSES and not shared_names(model) and (
         piecewise_linear_after(model, layer, bn) or _is_output_layer(obj, layer)
     )
     if method == "closed_form" and not closed_ok:
         raise ValueError(
             f"no closed form for layer {layer!r} here: it needs loss 'cross_entropy' or 'mse' "
             "and the layer to be the output layer or followed only by piecewise-linear modules "
-            "in an nn.Sequential; use method='exact' or 'hutchinson'"
+            "in an nn.Sequential, with no module or parameter used twice; use method='exact' or "
+            "'hutchinson'"
         )
     if method == "auto":
         method = ("closed_form" if closed_ok
@@ -241,13 +262,13 @@ def relative_flatness(
         raise ValueError("variant='neuronwise_max' needs the diagonal blocks H_ss: use method "
                          "'closed_form' or 'exact'")
 
-    W = obj.params[f"{layer}.weight"]
+    W = obj.params[weight]
     M = W @ W.T
     stderr, num_hvps, used_seed = 0.0, 0, None
     if method == "closed_form":
         T, blocks = _closed_form(obj, layer, want_blocks)
     else:
-        op = HessianOperator(obj, [f"{layer}.weight"])
+        op = HessianOperator(obj, [weight])
         if method == "exact":
             T, blocks = _exact(op, d, m, want_blocks)
         else:
