@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .objective import Objective, shared_names
+from .objective import Objective, check_finite_loss, shared_names
 
 __all__ = [
     "HessianOperator",
@@ -141,6 +141,7 @@ class HessianOperator:
         self.dtype = objective.dtype
         self.num_hvps = 0
         loss = objective.loss(self._params)
+        check_finite_loss(loss)
         grads = torch.autograd.grad(
             loss, list(self._params.values()), create_graph=True, allow_unused=True
         )
@@ -477,6 +478,10 @@ def linear_pullback(objective: Objective, layers: Sequence[str]):
     for X, _ in objective.batches:
         with objective.capture(layers) as cap:
             out = objective.forward(params, X)
+        if not torch.isfinite(out).all():
+            raise ValueError("the model's output holds NaN or inf on this data: every "
+                             "curvature measure would be NaN. Check the weights, buffers and "
+                             "inputs")
         hidden = [name for name in layers if cap[name]["z"] is not out]
         deltas = {}
         if hidden:

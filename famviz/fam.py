@@ -226,6 +226,13 @@ class _Target:
     def forward(self, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(out, phi, z)``. A layer output that does not require grad (frozen layer and
         inputs) is replaced by a leaf that does, so the loss can be differentiated in it."""
+        try:
+            return self._forward(X)
+        except RuntimeError as exc:
+            raise ValueError(f"the model cannot evaluate inputs of shape {tuple(X.shape[1:])} "
+                             f"(per sample): {exc}") from exc
+
+    def _forward(self, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.leaves is not None:
             h = X
             for i, module in enumerate(self.leaves):

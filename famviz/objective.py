@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,12 +41,14 @@ from torch.func import functional_call
 __all__ = [
     "LOSSES",
     "check_dtype",
+    "check_finite_loss",
     "check_targets",
     "check_model",
     "BN_POLICIES",
     "Objective",
     "as_batches",
     "check_option",
+    "check_seed",
     "resolve_layer",
     "resolve_params",
     "check_unshared",
@@ -61,6 +64,26 @@ LOSSES = ("cross_entropy", "mse")
 BN_POLICIES = ("eval", "train")
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
+
+
+#: seeds are exact integers in torch's seed range; anything else is refused, never rounded
+SEED_RANGE = (0, 2**64)
+
+
+def check_seed(seed, name: str = "seed") -> int | None:
+    """``seed`` as an exact Python int in ``[0, 2**64)`` (torch's seed range), or None.
+
+    Floats, bools and out-of-range integers are refused: a seed is used exactly or not at all
+    (``torch.manual_seed`` would map -1 and 2**64 - 1 to the same stream).
+    """
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an integer or None, got {type(seed).__name__} {seed!r}")
+    seed = int(seed)
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ValueError(f"{name} must be in [0, 2**64) (torch's seed range), got {seed}")
+    return seed
 
 
 def check_option(name: str, value, valid: Sequence[str]) -> str:
@@ -236,10 +259,20 @@ def resolve_loss(loss) -> tuple[str, Callable[[Tensor, Tensor], Tensor]]:
 # ---------------------------------------------------------------------------- names and layers
 
 
-def check_model(model) -> nn.Module:
-    """``model`` if it is an ``nn.Module`` with at least one parameter that holds values."""
+def check_model(model, name: str = "model", *, needs_params: bool = False) -> nn.Module:
+    """``model`` if it is an ``nn.Module`` whose tensors hold values (none on the meta
+    device) and, with ``needs_params``, that has at least one parameter."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    for what, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for tname, t in items:
+            if t.is_meta:
+                raise ValueError(
+                    f"{name}: {what} {tname!r} is on the meta device and holds no values; "
+                    "materialize the model first (model.to_empty(device=...) and load_state_dict)"
+                )
+    if needs_params and next(iter(model.parameters()), None) is None:
+        raise ValueError(f"{name} has no parameters: there is nothing to measure")
     return model
 
 
@@ -307,6 +340,7 @@ def replicate(model: nn.Module, params: dict[str, Tensor] | None = None,
     ``buffers`` (default: copies). Tied parameters and modules used twice stay tied in the
     replica. Evaluating, hooking or switching modes on the replica never touches ``model``.
     """
+    check_model(model)
     memo: dict[int, object] = {}
     for name, p in model.named_parameters():
         t = p.detach() if params is None else params[name]
@@ -322,6 +356,19 @@ def replicate(model: nn.Module, params: dict[str, Tensor] | None = None,
             f"({type(exc).__name__}: {exc}); make the model deep-copyable (e.g. drop references "
             "to locks or open files; for torch.compile, pass model._orig_mod)"
         ) from exc
+
+
+def check_finite_loss(value: Tensor | float, what: str = "the loss at the model's weights") -> float:
+    """``float(value)`` if finite, else a ValueError: a measure computed from a NaN or infinite
+    loss would be NaN or meaningless."""
+    number = float(value.detach()) if isinstance(value, Tensor) else float(value)
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError(
+            f"{what} is {number}: every measure is computed from it. Check the weights, the "
+            "buffers, the data and the loss function (a custom loss must return a finite scalar; "
+            "logits of inf give NaN)"
+        )
+    return number
 
 
 class LayerReusedError(ValueError):
@@ -450,16 +497,9 @@ class Objective:
 
     def __init__(self, model: nn.Module, data, loss="cross_entropy", *, dtype=None, device=None,
                  bn: str = "eval"):
-        check_model(model)
+        check_model(model, needs_params=True)
         check_option("bn", bn, BN_POLICIES)
         named = list(model.named_parameters())
-        if not named:
-            raise ValueError("the model has no parameters: there is nothing to measure")
-        for name, p in named:
-            if p.is_meta:
-                raise ValueError(f"parameter {name!r} is on the meta device and holds no values; "
-                                 "materialize the model first (model.to_empty(device=...) and "
-                                 "load_state_dict)")
         dtype = check_dtype(dtype, model)
         self.device = torch.device(device) if device is not None else named[0][1].device
         self.dtype = dtype

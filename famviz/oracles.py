@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, hessian
 
-from .objective import as_batches, replicate, resolve_layer, resolve_params
+from .objective import Objective, check_dtype, replicate, resolve_layer, resolve_params
 
 __all__ = ["dense_hessian", "block_traces", "relative_flatness_bruteforce"]
 
@@ -34,9 +34,12 @@ def dense_hessian(model: nn.Module, data, loss="cross_entropy", params=None,
     in eval mode; the model itself is never modified.
     """
     names = resolve_params(model, params)
-    batches = as_batches(data, dtype=dtype)
+    # validation only (model, data, targets, dtype: the same clear errors as every measure);
+    # the Hessian below shares none of the objective's evaluation code
+    batches = Objective(model, data, loss, dtype=dtype).batches
     X = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
+    dtype = check_dtype(dtype)
     base = {n: p.detach().to(dtype) for n, p in model.named_parameters()}
     buffers = {n: b.detach().to(dtype) if b.is_floating_point() else b.detach().clone()
                for n, b in model.named_buffers()}

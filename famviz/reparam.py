@@ -37,17 +37,15 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import numbers
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from famviz.objective import Objective, as_batches, resolve_layer
+from famviz.objective import Objective, as_batches, check_model, replicate, resolve_layer
 
 __all__ = [
     "MIN_FEATURE_STD",
@@ -641,18 +639,6 @@ def normalize_features(model: nn.Module, layer: str, data) -> nn.Module:
     return new
 
 
-@contextlib.contextmanager
-def _eval_modes(*models: nn.Module) -> Iterator[None]:
-    saved = [(m, m.training) for model in models for m in model.modules()]
-    try:
-        for m, _ in saved:
-            m.training = False
-        yield
-    finally:
-        for m, mode in reversed(saved):
-            m.training = mode
-
-
 def _inputs(X) -> list[Tensor]:
     if isinstance(X, Tensor):
         xs = [X]
@@ -672,7 +658,11 @@ def _run(model: nn.Module, x: Tensor) -> Tensor:
         ref = next((b for b in model.buffers() if b.is_floating_point()), None)
     if ref is not None:
         x = x.to(device=ref.device, dtype=ref.dtype if x.is_floating_point() else None)
-    out = model(x)
+    try:
+        out = model(x)
+    except RuntimeError as exc:
+        raise ValueError(f"the model cannot evaluate inputs of shape {tuple(x.shape[1:])} (per "
+                         f"sample): {exc}") from exc
     if not isinstance(out, Tensor):
         raise TypeError(
             f"max_output_change needs models that return one tensor, got {type(out).__name__}"
@@ -687,10 +677,9 @@ def max_output_change(model_a: nn.Module, model_b: nn.Module, X) -> float:
 
         \max_{n, i} \big| f_a(x_n)_i - f_b(x_n)_i \big|
 
-    Evaluated under ``torch.no_grad()`` with every submodule in eval mode (dropout off,
-    BatchNorm running statistics); both models' modes are restored afterwards. Floating inputs
-    are cast to each model's parameter dtype; the difference is taken in float64. A NaN anywhere
-    gives NaN.
+    Evaluated under ``torch.no_grad()`` on famviz-owned replicas of both models in eval mode
+    (dropout off, BatchNorm running statistics); the models themselves are only read. Floating
+    inputs are cast to each model's parameter dtype; the difference is taken in float64.
 
     Args:
         model_a, model_b: the two models (e.g. a model and its reparameterization).
@@ -699,23 +688,29 @@ def max_output_change(model_a: nn.Module, model_b: nn.Module, X) -> float:
     Returns:
         The maximum as a Python float.
 
+    Raises:
+        ValueError: the outputs differ in shape, or one holds NaN or inf (no finite difference).
+
     >>> import torch
     >>> from famviz.models import mlp
     >>> m = mlp([4, 8, 3], seed=0)
     >>> max_output_change(m, m, torch.zeros(2, 4))
     0.0
     """
+    check_model(model_a, "model_a"), check_model(model_b, "model_b")
     xs = _inputs(X)
+    a, b = replicate(model_a).eval(), replicate(model_b).eval()
     worst = 0.0
-    with torch.no_grad(), _eval_modes(model_a, model_b):
+    with torch.no_grad():
         for x in xs:
-            ya, yb = _run(model_a, x), _run(model_b, x)
+            ya, yb = _run(a, x), _run(b, x)
             if ya.shape != yb.shape:
                 raise ValueError(
                     f"the models' outputs differ in shape: {tuple(ya.shape)} vs {tuple(yb.shape)}"
                 )
-            diff = (ya.double() - yb.double().to(ya.device)).abs().max().item()
-            if math.isnan(diff):
-                return math.nan
-            worst = max(worst, diff)
+            for which, out in (("model_a", ya), ("model_b", yb)):
+                if out.is_floating_point() and not torch.isfinite(out).all():
+                    raise ValueError(f"{which}'s output contains NaN or inf on these inputs: "
+                                     "there is no finite difference to report")
+            worst = max(worst, (ya.double() - yb.double().to(ya.device)).abs().max().item())
     return worst

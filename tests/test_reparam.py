@@ -541,7 +541,8 @@ def test_max_output_change_detects_change_and_nan():
     bad = mlp([4, 8, 3], seed=0)
     with torch.no_grad():
         bad[2].bias[0] = float("nan")
-    assert np.isnan(max_output_change(model, bad, X))
+    with pytest.raises(ValueError, match="model_b's output contains NaN"):
+        max_output_change(model, bad, X)
     with pytest.raises(ValueError, match="shape"):
         max_output_change(model, mlp([4, 8, 2], seed=0), X)
     with pytest.raises(ValueError, match="empty"):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature import generator, new_seed
-from ..objective import check_model, check_option
+from ..objective import check_model, check_option, check_seed
 
 __all__ = [
     "Direction",
@@ -62,8 +62,11 @@ class Direction(dict):
 
 
 def _params(model: nn.Module) -> dict[str, Tensor]:
-    return {n: p.detach() for n, p in check_model(model).named_parameters()
-            if p.is_floating_point()}
+    params = {n: p.detach() for n, p in check_model(model).named_parameters()
+              if p.is_floating_point()}
+    if not params:
+        raise ValueError("model has no floating-point parameters: there is no direction to draw")
+    return params
 
 
 def check_direction(model: nn.Module, direction: Mapping[str, Tensor], what: str = "direction"):
@@ -140,8 +143,9 @@ def random_direction(model: nn.Module, norm: str = "filter", ignore: str | None 
     True
     """
     check_option("norm", norm, NORMS)
+    seed = check_seed(seed)
     params = _params(model)
-    seed = new_seed() if seed is None else int(seed)
+    seed = new_seed() if seed is None else seed
     device = next(iter(params.values())).device
     gen = generator(seed, device)
     raw = {n: torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature import ParamLayout
-from ..objective import Objective, resolve_params
+from ..objective import Objective, check_finite_loss, check_seed, resolve_params  # noqa: F401
 
 __all__ = [
     "INVARIANT",
@@ -155,14 +155,6 @@ def check_count(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_seed(seed) -> int | None:
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer or None, got {type(seed).__name__}")
-    return int(seed)
-
-
 def select_params(model: nn.Module, params, *, exclude_norm: bool = False) -> list[str]:
     """Names of the perturbed parameters: ``params`` as in :func:`resolve_params`; with
     ``params=None`` and ``exclude_norm``, every parameter except those of normalization layers
@@ -221,13 +213,8 @@ class Evaluator:
         self.forward = 0
         self.backward = 0
         self.start = time.perf_counter()
-        self.loss0 = self.loss(torch.zeros_like(self.theta))
-        if not math.isfinite(self.loss0):
-            raise ValueError(
-                f"the loss at the centre (the unperturbed model) is {self.loss0}: every measure "
-                "compares perturbed losses with it. Check the weights, the data and the loss "
-                "function (a custom loss must return a finite scalar)"
-            )
+        self.loss0 = check_finite_loss(self.loss(torch.zeros_like(self.theta)),
+                                       "the loss at the centre (the unperturbed model)")
 
     # -- vectors ----------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..objective import Objective, ObjectiveInfo, check_option
+from ..objective import Objective, ObjectiveInfo, check_option, check_seed
 from ._base import INVARIANT, Cost, check_count, declare, select_params
 
 __all__ = ["FisherRaoResult", "fisher_rao_norm", "METHODS", "WEIGHT_LAYERS"]
@@ -144,6 +144,7 @@ def fisher_rao_norm(
     """
     start = time.perf_counter()
     check_option("method", method, METHODS)
+    check_seed(seed)  # unused, but a bad seed is still refused
     if method == "logits":
         if params is not None:
             raise ValueError("params applies to method='jvp' only: the logit formula covers "

@@ -27,7 +27,15 @@ from ..curvature import (
     power_iteration_top,
     rademacher,
 )
-from ..objective import LOSSES, Objective, ObjectiveInfo, check_option, resolve_params
+from ..objective import (
+    LOSSES,
+    Objective,
+    ObjectiveInfo,
+    check_option,
+    check_seed,
+    resolve_params,
+)
+from ._base import check_count
 
 __all__ = [
     "TraceResult",
@@ -190,6 +198,8 @@ def hessian_trace(
     (5.0, 'exact')
     """
     check_option("method", method, TRACE_METHODS)
+    seed = check_seed(seed)
+    probes = check_count("probes", probes)
     names = resolve_params(model, params)
     obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
     info = obj.info()
@@ -210,7 +220,7 @@ def hessian_trace(
         per = {n: float(t.sum()) for n, t in op.layout.unflatten(diag).items()}
         return TraceResult(float(diag.sum()), 0.0, "exact", "hvp-diagonal", per, tuple(names),
                            op.num_hvps, None, info)
-    seed = new_seed() if seed is None else int(seed)
+    seed = new_seed() if seed is None else seed
     est = (hutchinson_trace if method == "hutchinson" else hutchpp_trace)(op, probes, seed)
     return TraceResult(est.value, est.stderr, method, "hvp", {}, tuple(names), op.num_hvps, seed,
                        info)
@@ -255,6 +265,7 @@ def hessian_top_eigenvalue(
     [4.0, 1.0]
     """
     check_option("method", method, EIGEN_METHODS)
+    seed = check_seed(seed)
     if int(k) != k or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if not (tol > 0):
@@ -266,7 +277,7 @@ def hessian_top_eigenvalue(
     op = HessianOperator(obj, names)
     if k > op.dim:
         raise ValueError(f"k={k} exceeds the number of selected parameters ({op.dim})")
-    seed = new_seed() if seed is None else int(seed)
+    seed = new_seed() if seed is None else seed
     solver = lanczos_top if method == "lanczos" else power_iteration_top
     eig = solver(op, int(k), float(tol), int(max_iter), seed)
     vectors = [{n: t.detach() for n, t in op.layout.unflatten(v).items()} for v in eig.vectors]
@@ -305,6 +316,8 @@ def hessian_frobenius(
     17.0
     """
     check_option("method", method, FROBENIUS_METHODS)
+    seed = check_seed(seed)
+    probes = check_count("probes", probes, minimum=2)
     names = resolve_params(model, params)
     obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
     op = HessianOperator(obj, names)
@@ -314,9 +327,7 @@ def hessian_frobenius(
         total = sum(float(rows.pow(2).sum()) for _, rows in op.columns())
         return FrobeniusResult(math.sqrt(total), 0.0, "exact", tuple(names), op.num_hvps, None,
                                obj.info())
-    if probes < 2:
-        raise ValueError(f"probes must be at least 2, got {probes}")
-    seed = new_seed() if seed is None else int(seed)
+    seed = new_seed() if seed is None else seed
     V = rademacher((probes, op.dim), generator(seed, op.device), op.device, op.dtype)
     samples = op.matmat(V).pow(2).sum(dim=1)
     sq = float(samples.mean())

@@ -37,10 +37,12 @@ from ..objective import (
     Objective,
     ObjectiveInfo,
     check_option,
+    check_seed,
     resolve_layer,
     resolve_params,
     shared_names,
 )
+from ._base import check_count
 
 __all__ = [
     "RelativeFlatnessResult",
@@ -227,6 +229,8 @@ def relative_flatness(
     """
     check_option("method", method, METHODS)
     check_option("variant", variant, VARIANTS)
+    seed = check_seed(seed)
+    probes = check_count("probes", probes)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalize {normalize!r}; valid: None, 'm'")
     module = resolve_layer(model, layer, (nn.Linear,))
@@ -272,9 +276,7 @@ def relative_flatness(
         if method == "exact":
             T, blocks = _exact(op, d, m, want_blocks)
         else:
-            if probes < 1:
-                raise ValueError(f"probes must be >= 1, got {probes}")
-            used_seed = new_seed() if seed is None else int(seed)
+            used_seed = new_seed() if seed is None else seed
             T, stderr = _hutchinson(op, d, m, probes, used_seed, M)
             blocks = None
         num_hvps = op.num_hvps

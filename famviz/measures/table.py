@@ -43,6 +43,7 @@ the reference layer has no Linear layer below (above), T1 and T2 (T3) read ``"n/
 from __future__ import annotations
 
 import html
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -52,7 +53,7 @@ import torch
 from torch import nn
 
 from ..curvature import new_seed
-from ..objective import Objective, check_option, resolve_layer
+from ..objective import Objective, check_finite_loss, check_model, check_option, resolve_layer
 from ._base import (
     CHANGES,
     INVARIANT,
@@ -147,7 +148,9 @@ class MeasureRow:
         cost: passes over the data, HVPs (``None`` where not counted) and seconds.
         parameters: the settings used.
         seed: the seed the measure recorded (None if nothing was random).
-        result: the measure's own result object.
+        result: the measure's own result object (None when it failed).
+        error: why the measure failed (``"ValueError: ..."``), or None. A failed row keeps the
+            rest of the table: its value and stderr are NaN and it is shown as an error.
     """
 
     name: str
@@ -160,9 +163,14 @@ class MeasureRow:
     parameters: dict
     seed: int | None
     result: object = field(repr=False)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "label": self.label, "value": self.value,
+        return {"name": self.name, "label": self.label, "value": self.value, "error": self.error,
                 "stderr": self.stderr, "higher_is": self.higher_is,
                 "invariance": dict(self.invariance), "cost": self.cost.to_dict(),
                 "parameters": _plain(self.parameters), "seed": self.seed}
@@ -206,7 +214,12 @@ class MeasureTable:
         return [r.name for r in self.rows]
 
     def values(self) -> dict[str, float]:
-        return {r.name: r.value for r in self.rows}
+        """``{name: value}`` of the measures that succeeded (see :meth:`errors`)."""
+        return {r.name: r.value for r in self.rows if r.ok}
+
+    def errors(self) -> dict[str, str]:
+        """``{name: error}`` of the measures that failed."""
+        return {r.name: r.error for r in self.rows if not r.ok}
 
     def invariance(self) -> dict[str, dict[str, str]]:
         return {r.name: dict(r.invariance) for r in self.rows}
@@ -225,6 +238,11 @@ class MeasureTable:
         out = []
         for r in self.rows:
             c = r.cost
+            if not r.ok:
+                out.append([r.name, "error", r.error, r.higher_is,
+                            *[r.invariance.get(t, "") for t in TRANSFORMS], "", "", "",
+                            f"{c.seconds:.3f}"])
+                continue
             out.append([r.name, _num(r.value), "" if math.isnan(r.stderr) else _num(r.stderr),
                         r.higher_is, *[r.invariance.get(t, "") for t in TRANSFORMS],
                         _count(c.forward), _count(c.backward), _count(c.hvps),
@@ -379,6 +397,7 @@ def measure_all(
     (['fisher_rao_norm', 'eps_sharpness'], 'invariant')
     """
     start = time.perf_counter()
+    check_model(model, needs_params=True)
     check_option("preset", preset, PRESETS)
     seed = check_seed(seed)
     seed = new_seed() if seed is None else seed
@@ -386,6 +405,18 @@ def measure_all(
     unknown = [k for k in options if k not in MEASURES]
     if unknown:
         raise ValueError(f"options for unknown measures {unknown}; valid: {list(MEASURES)}")
+    for name, opts in options.items():
+        if not isinstance(opts, dict):
+            raise TypeError(f"options[{name!r}] must be a dict of keyword arguments, got "
+                            f"{type(opts).__name__}")
+        accepted = inspect.signature(MEASURES[name].func).parameters
+        fixed = {"model", "data", "layer", "loss", "seed", "dtype", "device", "bn"}
+        wrong = [k for k in opts if k not in accepted or k in fixed]
+        if wrong:
+            raise ValueError(
+                f"options[{name!r}] has keywords {wrong} that {name} does not take here; it "
+                f"takes {[k for k in accepted if k not in fixed]} (model, data, layer, loss, "
+                "seed, dtype, device and bn are measure_all's own arguments)")
     if layer is None:
         layer = _default_layer(model)
     if layer is not None:
@@ -401,12 +432,8 @@ def measure_all(
         if "relative_flatness" in names and layer is None:
             raise ValueError("relative_flatness needs a Linear layer; this model has none")
     obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
-    centre = float(obj.loss().detach())
-    if not math.isfinite(centre):
-        raise ValueError(
-            f"the loss at the centre (the unperturbed model) is {centre}: check the weights, "
-            "the data and the loss function (a custom loss must return a finite scalar)"
-        )
+    with torch.no_grad():
+        check_finite_loss(obj.loss(), "the loss at the centre (the unperturbed model)")
     below, above = _neighbours(model, layer) if layer is not None else (None, None)
 
     iterator = names
@@ -421,10 +448,20 @@ def measure_all(
                 **options.get(name, {})}
         common = {"loss": loss, "seed": seed, "dtype": dtype, "device": device, "bn": bn}
         t0 = time.perf_counter()
-        if spec.uses_layer:
-            result = spec.func(model, data, layer, **common, **opts)
-        else:
-            result = spec.func(model, data, **common, **opts)
+        try:
+            if spec.uses_layer:
+                result = spec.func(model, data, layer, **common, **opts)
+            else:
+                result = spec.func(model, data, **common, **opts)
+        except Exception as exc:  # one failing measure keeps the other rows (shown as an error)
+            rows.append(MeasureRow(
+                name=name, label=spec.label, value=math.nan, stderr=math.nan,
+                higher_is=spec.higher_is,
+                invariance=_declared(name, opts, loss_name=obj.loss_name),
+                cost=Cost(None, None, None, time.perf_counter() - t0), parameters=dict(opts),
+                seed=None, result=None, error=f"{type(exc).__name__}: {exc}",
+            ))
+            continue
         seconds = time.perf_counter() - t0
         if hasattr(result, "invariance"):
             invariance, cost = dict(result.invariance), result.cost
