@@ -475,13 +475,15 @@ def linear_pullback(objective: Objective, layers: Sequence[str]):
     is the output layer; callers check.
     """
     params = {n: p.detach() for n, p in objective.params.items()}
-    for X, _ in objective.batches:
+    for X, y in objective.batches:
         with objective.capture(layers) as cap:
             out = objective.forward(params, X)
         if not torch.isfinite(out).all():
             raise ValueError("the model's output holds NaN or inf on this data: every "
                              "curvature measure would be NaN. Check the weights, buffers and "
                              "inputs")
+        with torch.no_grad():  # the closed forms do not need the loss, but it must be finite
+            check_finite_loss(objective.loss_fn(out, y), "the loss on a batch of data")
         hidden = [name for name in layers if cap[name]["z"] is not out]
         deltas = {}
         if hidden:

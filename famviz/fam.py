@@ -228,9 +228,11 @@ class _Target:
         inputs) is replaced by a leaf that does, so the loss can be differentiated in it."""
         try:
             return self._forward(X)
-        except RuntimeError as exc:
-            raise ValueError(f"the model cannot evaluate inputs of shape {tuple(X.shape[1:])} "
-                             f"(per sample): {exc}") from exc
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # shape mismatches and the like
+            raise ValueError(f"batch: the model cannot evaluate inputs X of shape "
+                             f"{tuple(X.shape[1:])} (per sample): {exc}") from exc
 
     def _forward(self, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.leaves is not None:

@@ -161,7 +161,7 @@ def as_batches(
         X, y = _to_tensor(batch[0], "X"), _to_tensor(batch[1], "y")
         if X.ndim == 0 or y.ndim == 0 or len(X) != len(y):
             raise ValueError(
-                f"batch {i}: X has shape {tuple(X.shape)} but y has shape {tuple(y.shape)}; "
+                f"data, batch {i}: X has shape {tuple(X.shape)} but y has shape {tuple(y.shape)}; "
                 "they need the same number of samples along the first axis"
             )
         if len(X) == 0:
@@ -169,13 +169,13 @@ def as_batches(
         if X.is_floating_point():
             X = X.to(device=device, dtype=dtype)
             if not torch.isfinite(X).all():
-                raise ValueError(f"batch {i}: X contains NaN or inf; clean the data first")
+                raise ValueError(f"data, batch {i}: X contains NaN or inf; clean the data first")
         else:
             X = X.to(device=device)
         if y.is_floating_point():
             y = y.to(device=device, dtype=dtype)
             if not torch.isfinite(y).all():
-                raise ValueError(f"batch {i}: y contains NaN or inf; clean the data first")
+                raise ValueError(f"data, batch {i}: y contains NaN or inf; clean the data first")
         else:
             y = y.to(device=device)
         batches.append((X, y))
@@ -225,7 +225,8 @@ def check_targets(loss_name: str, output_shape: tuple[int, ...], y: Tensor) -> N
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= classes:
                 raise ValueError(
-                    f"targets range over [{lo}, {hi}] but the model has {classes} outputs"
+                    f"data: the targets y range over [{lo}, {hi}] but the model has {classes} "
+                    "outputs (class indices must lie in [0, outputs))"
                 )
     elif loss_name == "mse":
         if tuple(y.shape) != (n, *output_shape[1:]):
@@ -347,6 +348,10 @@ def replicate(model: nn.Module, params: dict[str, Tensor] | None = None,
         memo[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad and t.is_floating_point())
     for name, b in model.named_buffers():
         memo[id(b)] = b.detach().clone() if buffers is None else buffers[name]
+    for module in model.modules():  # tensors a hook computes (weight_norm's weight): recomputed
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach()
     try:
         return copy.deepcopy(model, memo)
     except Exception as exc:
@@ -432,7 +437,7 @@ def resolve_params(model: nn.Module, params=None) -> list[str]:
     ``None`` selects every parameter; a string selects a parameter by name (``"2.weight"``) or
     all parameters of a module (``"2"``); a list selects the union, in model order.
     """
-    all_names = [n for n, _ in check_model(model).named_parameters()]
+    all_names = [n for n, _ in check_model(model, needs_params=True).named_parameters()]
     if params is None:
         return all_names
     aliases = shared_names(model)  # a tied parameter is selected by any of its names
@@ -551,7 +556,7 @@ class Objective:
                 out = self.forward({}, X0, bn="eval")  # shapes only: BatchNorm may see 1 sample
         except RuntimeError as exc:
             raise ValueError(
-                f"the model cannot evaluate inputs of shape {tuple(X0.shape[1:])} "
+                f"data: the model cannot evaluate inputs X of shape {tuple(X0.shape[1:])} "
                 f"(per sample): {exc}"
             ) from exc
         for X, y in self.batches:

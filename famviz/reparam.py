@@ -252,6 +252,7 @@ def consecutive_pairs(model: nn.Module) -> list[tuple[str, str]]:
     >>> consecutive_pairs(models.mlp([4, 8, 8, 3], seed=0))
     [('0', '2'), ('2', '4')]
     """
+    check_model(model)
     graph = _trace(model)
     modules = dict(model.named_modules())
     pairs = []
@@ -661,7 +662,7 @@ def _run(model: nn.Module, x: Tensor) -> Tensor:
     try:
         out = model(x)
     except RuntimeError as exc:
-        raise ValueError(f"the model cannot evaluate inputs of shape {tuple(x.shape[1:])} (per "
+        raise ValueError(f"X: the model cannot evaluate inputs of shape {tuple(x.shape[1:])} (per "
                          f"sample): {exc}") from exc
     if not isinstance(out, Tensor):
         raise TypeError(

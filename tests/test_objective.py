@@ -115,7 +115,7 @@ def test_shape_mismatches(net_and_data):
         fv.relative_flatness(model, (X, y.double()), "2", loss="mse")
     with pytest.raises(ValueError, match="class-index targets of shape"):
         fv.hessian_trace(model, (X, y[:, None]))
-    with pytest.raises(ValueError, match=r"targets range over \[0, 8\] but the model has 5"):
+    with pytest.raises(ValueError, match=r"targets y range over \[0, 8\] but the model has 5"):
         fv.hessian_trace(model, (X, y * 2))
     with pytest.raises(ValueError, match="input"):
         fv.hessian_trace(model, (X[:, :10], y))

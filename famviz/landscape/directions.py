@@ -65,7 +65,8 @@ def _params(model: nn.Module) -> dict[str, Tensor]:
     params = {n: p.detach() for n, p in check_model(model).named_parameters()
               if p.is_floating_point()}
     if not params:
-        raise ValueError("model has no floating-point parameters: there is no direction to draw")
+        raise ValueError("model has no parameters (of a floating dtype): there is no direction "
+                         "to draw")
     return params
 
 
