@@ -70,6 +70,7 @@ from .objective import (
     check_option,
     check_targets,
     resolve_layer,
+    replicate,
     resolve_loss,
     shared_names,
 )
@@ -201,8 +202,11 @@ class _Target:
     other model is run whole, with a temporary forward hook on the layer."""
 
     def __init__(self, model: nn.Module, layer: str | None):
-        self.name, self.module = _layer(model, layer)
-        self.model = model
+        self.name, _ = _layer(model, layer)
+        # a replica holding the caller's Parameter objects: gradients reach them, while the
+        # hook and the evaluation modes are set on modules the caller never sees
+        self.model = model = replicate(model, share=True)
+        self.module = model.get_submodule(self.name)
         self.leaves: list[nn.Module] | None = None
         self.index = -1
         leaves: list[nn.Module] = []
@@ -295,7 +299,7 @@ def penalty_path(model: nn.Module, batch, layer: str | None = None, loss="cross_
     loss_name, _ = resolve_loss(loss)
     W = target.module.weight
     X = as_batches(batch, dtype=W.dtype, device=W.device)[0][0][:1]
-    with torch.no_grad(), _eval_modes(model):
+    with torch.no_grad(), _eval_modes(target.model):
         out, _, z = target.forward(X)
     return _plan(model, target, loss_name, z, out)
 
@@ -419,10 +423,11 @@ def penalty(
     (Petzka et al. 2021; used as a regularizer by Adilova et al. 2023, MATH.md §1 and §3). The
     value equals ``famviz.relative_flatness(model, batch, layer, loss, normalize=normalize)``.
 
-    The model is run on its own parameters, so ``(loss + lam * penalty(...)).backward()`` fills
-    the ``.grad`` of the live model; nothing else about the model changes (the forward pass runs
-    with dropout off and BatchNorm on running statistics, as :func:`famviz.relative_flatness`
-    evaluates, and the caller's modes are restored). See the module docstring for the three
+    The forward pass runs on a famviz replica of the model's modules that holds the model's own
+    parameters, so ``(loss + lam * penalty(...)).backward()`` fills the ``.grad`` of the live
+    model, and nothing else about the model changes: the replica runs with dropout off and
+    BatchNorm on running statistics (as :func:`famviz.relative_flatness` evaluates) while the
+    model's own modes, hooks and buffers are never touched. See the module docstring for the three
     routes (``"softmax"``/``"mse"`` closed forms, ``"gauss_newton"``, ``"hvp"``) and their cost.
 
     Args:
@@ -465,7 +470,7 @@ def penalty(
     batches = as_batches(batch, dtype=W.dtype, device=W.device)
     X = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
-    with torch.enable_grad(), _eval_modes(model):
+    with torch.enable_grad(), _eval_modes(target.model):
         out, phi, z = target.forward(X)
         if loss_name in LOSSES:
             check_targets(loss_name, tuple(out.shape), y)
@@ -716,7 +721,7 @@ class Step:
                     forwards = 1
                 else:  # the penalty's own forward pass in evaluation mode
                     loss = self._loss(X, y)
-                    with _eval_modes(model):
+                    with _eval_modes(self.target.model):
                         out, phi, z = self.target.forward(X)
                         pen, decay, backwards = self._fam_penalty(out, phi, z, y)
                     forwards = 2

@@ -332,7 +332,7 @@ def shared_names(model: nn.Module) -> dict[str, str]:
 
 
 def replicate(model: nn.Module, params: dict[str, Tensor] | None = None,
-              buffers: dict[str, Tensor] | None = None) -> nn.Module:
+              buffers: dict[str, Tensor] | None = None, *, share: bool = False) -> nn.Module:
     """A famviz-owned replica of ``model``: the same module structure, hooks and attributes (a
     deep copy), but with parameters and buffers of its own.
 
@@ -340,14 +340,21 @@ def replicate(model: nn.Module, params: dict[str, Tensor] | None = None,
     aliases of the model's, which share memory and are never written) and its buffers
     ``buffers`` (default: copies). Tied parameters and modules used twice stay tied in the
     replica. Evaluating, hooking or switching modes on the replica never touches ``model``.
+
+    With ``share``, the replica holds the model's own ``Parameter`` and buffer objects (for
+    training-time computations whose gradient must reach them, evaluated in eval mode so no
+    buffer is written); only its modules, flags and hooks are separate.
     """
     check_model(model)
     memo: dict[int, object] = {}
     for name, p in model.named_parameters():
+        if share:
+            memo[id(p)] = p
+            continue
         t = p.detach() if params is None else params[name]
         memo[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad and t.is_floating_point())
     for name, b in model.named_buffers():
-        memo[id(b)] = b.detach().clone() if buffers is None else buffers[name]
+        memo[id(b)] = b if share else b.detach().clone() if buffers is None else buffers[name]
     for module in model.modules():  # tensors a hook computes (weight_norm's weight): recomputed
         for value in vars(module).values():
             if isinstance(value, Tensor) and value.grad_fn is not None:
