@@ -129,6 +129,7 @@ INTERRUPTED = {
     "relative_flatness": lambda m: fv.relative_flatness(m, (X, Y), "2", method="exact"),
     "slice_2d": lambda m: L.slice_2d(m, (X, Y), L.random_direction(m, seed=0),
                                      L.random_direction(m, seed=1), steps=3),
+    "fam.penalty": lambda m: fam.penalty(m, (X, Y), "2"),
     "interpolate_bn": None,  # filled below: BatchNorm re-estimation writes buffers
 }
 
