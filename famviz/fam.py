@@ -470,6 +470,8 @@ def penalty(
     batches = as_batches(batch, dtype=W.dtype, device=W.device)
     X = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
+    if loss_name == "cross_entropy" and not y.is_floating_point():
+        y = y.long()  # class indices of any integer dtype (or bool)
     with torch.enable_grad(), _eval_modes(target.model):
         out, phi, z = target.forward(X)
         if loss_name in LOSSES:

@@ -311,3 +311,10 @@ def test_same_state_helper_still_strict():
     with pytest.raises(AssertionError):
         _assert_same_allowing_nan(before, model_state(a))
     assert_same_state(before, before)
+
+
+@pytest.mark.parametrize("labels", [torch.int32, torch.uint8])
+def test_penalty_takes_integer_labels_of_any_dtype(labels):
+    model = good_model()
+    assert float(fam.penalty(model, (X, Y.to(labels)), "2")) == \
+        float(fam.penalty(model, (X, Y), "2"))
