@@ -80,6 +80,9 @@ def check_direction(model: nn.Module, direction: Mapping[str, Tensor], what: str
                          f"unknown {extra}")
     for n, p in params.items():
         t = direction[n]
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{what}[{n!r}] must be a floating-point tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
         if tuple(t.shape) != tuple(p.shape):
             raise ValueError(f"{what}[{n!r}] has shape {tuple(t.shape)}, the parameter "
                              f"{tuple(p.shape)}")
