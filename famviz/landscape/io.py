@@ -113,7 +113,8 @@ def save(result: Slice1D | Slice2D, path) -> Path:
     The file holds float64 arrays (``x``, ``y`` for a 2-D slice, ``values`` and whichever of
     ``accuracy``, ``test_values``, ``test_accuracy`` the slice has) and a JSON header with the
     format, the kind, ``centre_loss`` and ``meta``. It is checked against what :func:`load`
-    accepts before anything is written.
+    accepts before anything is written (a file over :data:`DEFAULT_MAX_BYTES` is read back
+    with ``load(path, max_bytes=...)``).
 
     Raises:
         TypeError: ``result`` is not a slice, ``path`` not a path, or ``meta`` not JSON.
@@ -127,7 +128,7 @@ def save(result: Slice1D | Slice2D, path) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
-    kind = type(result).__name__
+    kind = "Slice2D" if isinstance(result, Slice2D) else "Slice1D"
     header = {"format": FORMAT, "kind": kind, "centre_loss": result.centre_loss,
               "meta": result.meta}
     arrays = {a: getattr(result, a) for a in (*_AXES[kind], *_GRIDS)}
