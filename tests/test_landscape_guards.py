@@ -69,6 +69,7 @@ def no_work(monkeypatch):
         raise AssertionError("work started before the arguments were checked")
 
     monkeypatch.setattr(slices._Engine, "evaluate", fail)
+    monkeypatch.setattr(torch.linalg, "svd", fail)  # trajectory_directions' PCA
 
 
 def s1(e, **kw):
@@ -90,6 +91,17 @@ def interp(e, **kw):
 
 def interp_bn(e, **kw):
     return interp(e, bn_reestimate=True, **kw)
+
+
+def path_of(model):
+    """Four states of ``model`` along a made-up training run."""
+    g = torch.Generator().manual_seed(0)
+    return [{n: p.detach() + i * torch.randn(p.shape, generator=g, dtype=p.dtype)
+             for n, p in model.named_parameters()} for i in range(4)]
+
+
+def traj(e, **kw):
+    return ls.trajectory_directions(path_of(e["mlp"]), **{"model": e["mlp"], **kw})
 
 
 def drop(d, name):
@@ -200,6 +212,22 @@ CASES = {
                                        bn_reestimate=True), {}, ValueError,
         "at least 2 samples (BatchNorm takes batch statistics); batch 1 has 1"),
     "interpolate unknown kwarg": (interp, dict(colour="red"), TypeError, "colour"),
+    # the path of a training run
+    "trajectory k 0": (traj, dict(k=0), ValueError, "k must be >= 1"),
+    "trajectory k float": (traj, dict(k=2.0), TypeError, "k must be an int"),
+    "trajectory k too many": (traj, dict(k=4), ValueError, "need at least 5 states"),
+    "trajectory generator": (lambda e, **kw: ls.trajectory_directions(
+        (s for s in path_of(e["mlp"])), model=e["mlp"]), {}, TypeError,
+        "states must be a list"),
+    "trajectory no model": (traj, dict(model=None), ValueError, "pass model="),
+    "trajectory missing parameter": (lambda e, **kw: ls.trajectory_directions(
+        [*path_of(e["mlp"])[:3], drop(path_of(e["mlp"])[3], "2.bias")], model=e["mlp"]), {},
+        ValueError, "state 3 has no parameter '2.bias'"),
+    "trajectory NaN": (lambda e, **kw: ls.trajectory_directions(
+        [*path_of(e["mlp"])[:3], {n: t * float("nan") for n, t in path_of(e["mlp"])[3].items()}],
+        model=e["mlp"]), {}, ValueError, "state 3 contains NaN or inf"),
+    "trajectory over budget": (traj, dict(memory_budget=1000), ValueError,
+                               "the PCA of 4 states of 63 parameters needs"),
 }
 
 
@@ -317,3 +345,10 @@ def test_engine_without_directions_evaluates_the_model():
         out = model(DATA[0])
     assert loss[0] == pytest.approx(float(F.cross_entropy(out, DATA[1])), rel=1e-12)
     assert acc[0] == pytest.approx(float((out.argmax(1) == DATA[1]).double().mean()), abs=1e-15)
+
+
+def test_trajectory_of_equal_states_is_refused():
+    m = mlp(0)
+    with pytest.raises(ValueError, match="all states are equal"):
+        ls.trajectory_directions([m.state_dict()] * 3, model=m)
+    assert len(ls.trajectory_directions(path_of(m), k=3, model=m).directions) == 3
