@@ -296,7 +296,8 @@ def test_special_paths_are_refused_without_reading(tmp_path):
 def test_save_writes_only_what_load_accepts(slices, tmp_path):
     one, two, _ = slices
     with pytest.raises(ValueError, match="cannot save this Slice1D: axis 'x' does not contain 0"):
-        ls.save(ls.Slice1D(one.x + 5, one.values, None, None, None, one.centre_loss), tmp_path / "a")
+        ls.save(ls.Slice1D(one.x + 5, one.values, None, None, None, one.centre_loss),
+                tmp_path / "a")
     with pytest.raises(TypeError, match="meta must be JSON-serializable"):
         ls.save(ls.Slice1D(one.x, one.values, None, None, None, one.centre_loss,
                            {"model": torch.nn.Linear(1, 1)}), tmp_path / "b")
