@@ -13,6 +13,8 @@ from .directions import (
 from .io import load, save
 from .slices import (
     DEFAULT_MEMORY_BUDGET,
+    MAX_GRID_POINTS,
+    MAX_STEPS,
     Slice1D,
     Slice2D,
     grid_axis,
@@ -39,6 +41,8 @@ __all__ = [
     "interpolate",
     "grid_axis",
     "DEFAULT_MEMORY_BUDGET",
+    "MAX_STEPS",
+    "MAX_GRID_POINTS",
     "save",
     "load",
 ]

@@ -7,6 +7,7 @@ can be added to parameters by name), with attributes recording how it was made (
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -84,6 +85,9 @@ def check_direction(model: nn.Module, direction: Mapping[str, Tensor], what: str
                          f"unknown {extra}")
     for n, p in params.items():
         t = direction[n]
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{what}[{n!r}] must be a floating-point tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
         if tuple(t.shape) != tuple(p.shape):
             raise ValueError(f"{what}[{n!r}] has shape {tuple(t.shape)}, the parameter "
                              f"{tuple(p.shape)}")
@@ -201,31 +205,73 @@ class TrajectoryDirections:
     coords: np.ndarray
 
 
-def trajectory_directions(states: Sequence, k: int = 2, model: nn.Module | None = None
-                          ) -> TrajectoryDirections:
+def trajectory_directions(states: Sequence, k: int = 2, model: nn.Module | None = None, *,
+                          memory_budget: int | None = None) -> TrajectoryDirections:
     """Principal directions of the path ``states`` (state dicts or models, in training order),
     centred on the LAST state — slice around the final model with these directions.
 
     Only floating parameters enter (buffers such as BatchNorm statistics are left out); pass
     ``model`` when ``states`` are state dicts, so parameters can be told from buffers.
+
+    Raises:
+        ValueError: fewer than ``k + 1`` states, a state without one of the parameters or with
+            another shape, NaN/inf in a state, or a path whose (T, P) matrix of states needs
+            more than ``memory_budget`` bytes (default
+            :data:`famviz.landscape.DEFAULT_MEMORY_BUDGET`) for the PCA.
+        TypeError: ``states`` not a sequence, ``k`` not an int, ``model`` not a module.
     """
+    from .slices import DEFAULT_MEMORY_BUDGET, _check_budget
+
+    if isinstance(states, (str, bytes, Mapping)) or not isinstance(states, Sequence):
+        raise TypeError(f"states must be a list of state dicts or models in training order, "
+                        f"got {type(states).__name__}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1 directions, got {k}")
     if len(states) < k + 1:
         raise ValueError(f"need at least {k + 1} states for {k} directions, got {len(states)}")
-    if model is None and not isinstance(states[0], nn.Module):
+    if model is not None:
+        check_model(model)
+    elif not isinstance(states[0], nn.Module):
         raise ValueError("pass model= when states are state dicts (to know the parameter names)")
-    names = list(_params(model if model is not None else states[0]))
+    template = _params(model if model is not None else states[0])
+    names = list(template)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    _check_budget(budget)
+    size = sum(t.numel() for t in template.values())
+    if k > size:
+        raise ValueError(f"k={k} directions, but the model has only {size} parameters")
+    need = 3 * len(states) * size * 8  # the float64 states, the SVD's factor and workspace
+    if need > budget:
+        raise ValueError(f"the PCA of {len(states)} states of {size} parameters needs about "
+                         f"{need / 2**20:.0f} MiB, more than memory_budget={budget / 2**20:.0f} "
+                         "MiB: pass fewer states (e.g. every n-th) or raise memory_budget")
 
-    def vec(s):
+    def vec(i, s):
+        if not isinstance(s, (nn.Module, Mapping)):
+            raise TypeError(f"state {i} is a {type(s).__name__}; states are state dicts or "
+                            "models")
         sd = s.state_dict() if isinstance(s, nn.Module) else s
-        return torch.cat([sd[n].detach().double().reshape(-1) for n in names])
+        for n in names:
+            if n not in sd:
+                raise ValueError(f"state {i} has no parameter {n!r}")
+            t = sd[n]
+            if not isinstance(t, Tensor) or tuple(t.shape) != tuple(template[n].shape):
+                raise ValueError(f"state {i}[{n!r}] is not a tensor of shape "
+                                 f"{tuple(template[n].shape)}")
+        v = torch.cat([sd[n].detach().double().reshape(-1) for n in names])
+        if not torch.isfinite(v).all():
+            raise ValueError(f"state {i} contains NaN or inf")
+        return v
 
-    ref = states[-1]
-    final = vec(ref)
-    M = torch.stack([vec(s) - final for s in states[:-1]])  # (T-1, P)
+    final = vec(len(states) - 1, states[-1])
+    M = torch.stack([vec(i, s) - final for i, s in enumerate(states[:-1])])  # (T-1, P)
     _, S, Vh = torch.linalg.svd(M, full_matrices=False)
     var = S.pow(2)
+    if var.sum() == 0:
+        raise ValueError("all states are equal: the path has no direction")
     ratio = tuple(float(v) for v in (var[:k] / var.sum()))
-    template = _params(model if model is not None else states[0])
     dirs = []
     for i in range(k):
         parts = torch.split(Vh[i], [template[n].numel() for n in names])

@@ -15,7 +15,9 @@ never modified.
 
 from __future__ import annotations
 
+import copy
 import math
+import numbers
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..curvature import _sequential_leaves
-from ..objective import Objective, as_batches
+from ..objective import Objective
 from .directions import Direction, check_direction, interpolation_direction
 
 __all__ = [
@@ -38,10 +40,17 @@ __all__ = [
     "interpolate",
     "grid_axis",
     "DEFAULT_MEMORY_BUDGET",
+    "MAX_STEPS",
+    "MAX_GRID_POINTS",
 ]
 
 #: default memory budget of one evaluation chunk and of the result grid, in bytes
 DEFAULT_MEMORY_BUDGET = 1 << 30
+#: most points on one axis (far beyond a figure's resolution: a typo such as steps=10**7 would
+#: run for hours)
+MAX_STEPS = 10_001
+#: most points in one grid (a 2001 x 2001 plane fits)
+MAX_GRID_POINTS = 1 << 22
 #: safety factor on the estimated activation memory of one grid point
 _ACTIVATION_FACTOR = 3
 
@@ -53,18 +62,26 @@ def grid_axis(span, steps: int, name: str = "span") -> np.ndarray:
     """Coordinates ``linspace(lo, hi, steps)`` with the centre 0 exactly on the grid.
 
     Raises:
-        ValueError: ``steps < 2``, ``lo >= hi``, or 0 not on the grid (for a symmetric span
-        use an odd number of steps).
+        TypeError: ``steps`` is not an int.
+        ValueError: ``steps < 2`` or more than :data:`MAX_STEPS`, ``lo >= hi``, or 0 not on the
+        grid (for a symmetric span use an odd number of steps).
     """
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__} {steps!r}")
+    if steps < 2:
+        raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps={steps} is more than MAX_STEPS={MAX_STEPS} points on one axis; "
+                         "use fewer steps (for detail, a narrower span)")
+    steps = int(steps)
+    if isinstance(span, (str, bytes)):
+        raise ValueError(f"{name} must be a pair (min, max), got {span!r}")
     try:
         lo, hi = (float(v) for v in span)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a pair (min, max), got {span!r}") from None
-    if int(steps) != steps or steps < 2:
-        raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
-    steps = int(steps)
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
-        raise ValueError(f"{name} needs min < max, got ({lo}, {hi})")
+        raise ValueError(f"{name} needs finite min < max, got ({lo}, {hi})")
     if not lo <= 0 <= hi:
         raise ValueError(f"{name} ({lo}, {hi}) must contain 0, the unperturbed model")
     pos = -lo / (hi - lo) * (steps - 1)
@@ -219,7 +236,8 @@ class _Engine:
         N = self.obj.num_samples
         loss = torch.zeros(len(C), dtype=self.obj.dtype, device=self.obj.device)
         acc = torch.zeros_like(loss)
-        cc = torch.cat([torch.ones_like(C[:, :1]), C], dim=1)
+        # the leading 1 multiplies theta (C[:, :1] would be empty without directions)
+        cc = torch.cat([C.new_ones(len(C), 1), C], dim=1)
         for b, (X, y) in enumerate(self.obj.batches):
             if self.mode == "linear-stack":
                 l_b, a_b = self._stack_chunk(cc, b, y)
@@ -311,11 +329,37 @@ class Slice2D:
 # --------------------------------------------------------------------------------- front door
 
 
+def _check_budget(memory_budget) -> None:
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral):
+        raise TypeError(f"memory_budget must be an int number of bytes (e.g. 2 << 30), got "
+                        f"{type(memory_budget).__name__} {memory_budget!r}")
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
+
+
+def _check_args(dtype, device) -> None:
+    """Argument checks the Objective does not make."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float64 or None, "
+                        f"got {dtype!r}")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"device must be a torch.device or a name such as 'cpu' or "
+                             f"'cuda:0', got {device!r}") from None
+
+
+def _check_progress(progress) -> None:
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+
+
 def _prepare(model, data, test_data, directions, loss, dtype, device, bn, memory_budget):
     for i, d in enumerate(directions):
         check_direction(model, d, what=f"direction {i + 1}" if len(directions) > 1 else "direction")
-    if memory_budget <= 0:
-        raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
+    _check_budget(memory_budget)
+    _check_args(dtype, device)
     obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
     engines = [_Engine(obj, directions, memory_budget)]
     if test_data is not None:
@@ -345,6 +389,7 @@ def _meta(engines, directions, span, steps, seconds) -> dict:
 
 
 def _evaluate_all(engines, coords, progress):
+    _check_progress(progress)
     results = [e.evaluate(coords, progress) for e in engines]
     train_l, train_a = results[0]
     test_l, test_a = results[1] if len(results) > 1 else (None, None)
@@ -367,10 +412,17 @@ def slice_1d(model: nn.Module, data, direction: Mapping[str, Tensor], span=(-1.0
             ``steps`` for a symmetric span).
         loss, dtype, device, bn: as everywhere in famviz.
         memory_budget: bytes one evaluation chunk may use; a grid point that alone needs more
-            is refused with a clear error.
+            is refused with a clear error, as is a grid whose coordinates and results need
+            more.
         progress: show a tqdm bar.
+
+    Raises:
+        ValueError: a direction without the model's parameter names and shapes, a bad span,
+            ``steps`` above :data:`MAX_STEPS`, a grid over the memory budget, bad data or
+            options. All are checked before any evaluation.
     """
     x = grid_axis(span, steps)
+    _check_grid_memory(len(x), test_data is not None, memory_budget, dims=1)
     t0 = time.perf_counter()
     engines = _prepare(model, data, test_data, [direction], loss, dtype, device, bn,
                        memory_budget)
@@ -381,12 +433,16 @@ def slice_1d(model: nn.Module, data, direction: Mapping[str, Tensor], span=(-1.0
 
 
 def _axes_2d(span, steps):
-    spans = (span, span) if np.ndim(span) == 1 else tuple(span)
-    if len(spans) != 2:
+    """``((xspan, yspan), (nx, ny))`` from a shared or per-axis ``span`` and ``steps``."""
+    if isinstance(span, (str, bytes)) or not hasattr(span, "__len__") or len(span) != 2:
         raise ValueError(f"span must be (min, max) or ((xmin, xmax), (ymin, ymax)), got {span!r}")
-    st = (steps, steps) if np.ndim(steps) == 0 else tuple(steps)
-    if len(st) != 2:
-        raise ValueError(f"steps must be an int or a pair (nx, ny), got {steps!r}")
+    spans = (span, span) if all(np.ndim(s) == 0 for s in span) else tuple(span)
+    if isinstance(steps, (tuple, list, np.ndarray)):
+        if len(steps) != 2:
+            raise ValueError(f"steps must be an int or a pair (nx, ny), got {steps!r}")
+        st = tuple(steps)
+    else:
+        st = (steps, steps)
     return spans, st
 
 
@@ -424,104 +480,214 @@ def slice_2d(model: nn.Module, data, d1: Mapping[str, Tensor], d2: Mapping[str, 
     return Slice2D(x, y, train_l, train_a, test_l, test_a, float(train_l[i, j]), meta)
 
 
-def _check_grid_memory(points: int, with_test: bool, budget: int) -> None:
-    need = points * 8 * (4 if with_test else 2)
+def _check_grid_memory(points: int, with_test: bool, budget: int, dims: int = 2) -> None:
+    """Refuse, before any work, a grid of more than :data:`MAX_GRID_POINTS` points or whose
+    coordinates (``dims`` per point, with the meshgrid's copies) and result arrays (loss and
+    accuracy, for the test data too) need more than ``budget`` bytes."""
+    _check_budget(budget)
+    if points > MAX_GRID_POINTS:
+        raise ValueError(f"steps give a grid of {points} points, more than MAX_GRID_POINTS="
+                         f"{MAX_GRID_POINTS}; use fewer steps (for detail, a narrower span)")
+    need = points * 8 * ((4 if with_test else 2) + 2 * dims)
     if need > budget:
         raise ValueError(f"a grid of {points} points needs {need / 2**20:.0f} MiB for its "
-                         f"results, more than memory_budget={budget / 2**20:.0f} MiB")
+                         f"coordinates and results, more than memory_budget="
+                         f"{budget / 2**20:.0f} MiB: use fewer steps or raise memory_budget")
 
 
-def slice_2d_progressive(model: nn.Module, data, d1, d2, span=(-1.0, 1.0),
-                         levels: Sequence[int] = (11, 21, 41), **kwargs) -> Iterator[Slice2D]:
-    """Coarse-to-fine 2-D slices for interactive use: yields a :class:`Slice2D` per level, each
-    on a finer grid over the same span. Grids are nested (``levels[i+1] - 1`` a multiple of
-    ``levels[i] - 1``), and points already computed are not evaluated again, so the last level
-    costs no more than :func:`slice_2d` at that resolution.
-    """
+def _check_levels(levels) -> list[int]:
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, (Sequence, np.ndarray)):
+        raise TypeError(f"levels must be a sequence of ints such as (11, 21, 41), got {levels!r}")
+    if len(levels) == 0:
+        raise ValueError("levels is empty; pass grid sizes such as (11, 21, 41)")
+    for n in levels:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"levels must hold ints, got {type(n).__name__} {n!r} in {levels!r}")
+        if n < 2:
+            raise ValueError(f"every level must be >= 2 grid points per axis, got {list(levels)}")
     levels = [int(n) for n in levels]
-    if not levels or any(b <= a or (b - 1) % (a - 1) for a, b in zip(levels, levels[1:])):
-        raise ValueError(f"levels must increase and nest ((n_next - 1) a multiple of (n - 1)), "
-                         f"got {levels}")
+    if any(b <= a or (b - 1) % (a - 1) for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"levels must increase and nest ((n_next - 1) a multiple of (n - 1), "
+                         f"e.g. (11, 21, 41)), got {levels}")
+    return levels
+
+
+def slice_2d_progressive(model: nn.Module, data, d1: Mapping[str, Tensor],
+                         d2: Mapping[str, Tensor], span=(-1.0, 1.0),
+                         levels: Sequence[int] = (11, 21, 41), *, test_data=None,
+                         loss="cross_entropy", dtype=None, device=None, bn: str = "eval",
+                         memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = False
+                         ) -> Iterator[Slice2D]:
+    """Coarse-to-fine 2-D slices for interactive use: yields a :class:`Slice2D` per level, each
+    on a finer grid over the same span, ``levels[i]`` points per axis.
+
+    Grids are nested (``levels[i+1] - 1`` a multiple of ``levels[i] - 1``), and points already
+    computed are not evaluated again, so the last level costs no more than :func:`slice_2d` at
+    that resolution. Every argument (the levels, the span, the finest grid against the memory
+    budget, the directions, the data) is checked when the function is called, before the first
+    level is computed. Other arguments as in :func:`slice_2d`.
+    """
+    levels = _check_levels(levels)
     spans, _ = _axes_2d(span, levels[0])
-    test_data = kwargs.pop("test_data", None)
-    memory_budget = kwargs.pop("memory_budget", DEFAULT_MEMORY_BUDGET)
-    progress = kwargs.pop("progress", False)
-    loss, dtype, device, bn = (kwargs.pop(k, v) for k, v in
-                               (("loss", "cross_entropy"), ("dtype", None), ("device", None),
-                                ("bn", "eval")))
-    if kwargs:
-        raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+    axes = [(grid_axis(spans[0], n, "x span"), grid_axis(spans[1], n, "y span"))
+            for n in levels]
+    n_max = levels[-1]
+    _check_grid_memory(n_max * n_max, test_data is not None, memory_budget)
+    _check_progress(progress)
     t0 = time.perf_counter()
     engines = _prepare(model, data, test_data, [d1, d2], loss, dtype, device, bn, memory_budget)
-    known: dict[tuple[float, float], tuple] = {}
-    for n in levels:
-        x, y = grid_axis(spans[0], n, "x span"), grid_axis(spans[1], n, "y span")
-        _check_grid_memory(n * n, test_data is not None, memory_budget)
-        coords = np.stack(np.meshgrid(x, y, indexing="ij"), axis=-1).reshape(-1, 2)
-        keys = [(round(a, 12), round(b, 12)) for a, b in coords]
-        todo = [i for i, k in enumerate(keys) if k not in known]
-        if todo:
-            res = _evaluate_all(engines, coords[todo], progress)
-            for row, i in enumerate(todo):
-                known[keys[i]] = tuple(None if r is None else r[row] for r in res)
-        cols = list(zip(*(known[k] for k in keys)))
-        arrays = [None if c[0] is None else np.asarray(c, dtype=np.float64).reshape(n, n)
-                  for c in cols]
+    return _progressive(engines, [d1, d2], spans, levels, axes, progress, t0)
+
+
+def _progressive(engines, dirs, spans, levels, axes, progress, t0) -> Iterator[Slice2D]:
+    # results live on the finest grid; level n is its sub-grid of stride (n_max - 1) / (n - 1)
+    n_max = levels[-1]
+    fine: list[np.ndarray | None] = [None] * 4
+    done = np.zeros((n_max, n_max), dtype=bool)
+    for n, (x, y) in zip(levels, axes):
+        idx = np.arange(n) * ((n_max - 1) // (n - 1))
+        sub = np.ix_(idx, idx)
+        todo = ~done[sub]
+        if todo.any():
+            coords = np.stack(np.meshgrid(x, y, indexing="ij"), axis=-1)[todo]
+            res = _evaluate_all(engines, coords, progress)
+            ii, jj = np.nonzero(todo)
+            for k, r in enumerate(res):
+                if r is not None:
+                    if fine[k] is None:
+                        fine[k] = np.full((n_max, n_max), np.nan)
+                    fine[k][idx[ii], idx[jj]] = r
+            done[idx[ii], idx[jj]] = True
+        arrays = [None if f is None else f[sub] for f in fine]
         ci, cj = int(np.flatnonzero(x == 0)[0]), int(np.flatnonzero(y == 0)[0])
-        meta = _meta(engines, [d1, d2], spans, (n, n), time.perf_counter() - t0)
+        meta = _meta(engines, dirs, spans, (n, n), time.perf_counter() - t0)
         meta["level"] = n
         yield Slice2D(x, y, *arrays, float(arrays[0][ci, cj]), meta)
 
 
+def _running_stats_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 def interpolate(model_a: nn.Module, model_b: nn.Module, data, steps: int = 21,
                 span=(0.0, 1.0), *, test_data=None, loss="cross_entropy", dtype=None,
-                device=None, bn_reestimate: bool = False, **kwargs) -> Slice1D:
+                device=None, bn: str = "eval", bn_reestimate: bool = False,
+                memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = False) -> Slice1D:
     """The loss on the straight line :math:`\\theta_a + t(\\theta_b - \\theta_a)`; ``t = 0`` is
-    ``model_a``, ``t = 1`` is ``model_b``.
+    ``model_a``, ``t = 1`` is ``model_b`` (Goodfellow et al. 2015).
 
-    With ``bn_reestimate=True`` the BatchNorm running statistics are re-estimated from ``data``
-    at every point (forward passes in train mode, cumulative averages) before the loss is
-    evaluated — otherwise the interpolated weights would be judged with the statistics of
-    ``model_a``.
+    Only parameters are interpolated; buffers (BatchNorm running statistics) are ``model_a``'s,
+    unless ``bn_reestimate=True``: then at every point the running statistics of each BatchNorm
+    layer are re-estimated from ``data`` (forward passes with only the BatchNorm layers in
+    train mode, a cumulative average over the batches; dropout stays off) before the loss is
+    evaluated, so interpolated weights are not judged with ``model_a``'s statistics. This runs
+    on a private copy of ``model_a`` without its hooks; the caller's models and torch's global
+    RNG are left as they were. On a model without BatchNorm layers that track running
+    statistics there is nothing to re-estimate and ``bn_reestimate=True`` is a no-op: the
+    result equals ``bn_reestimate=False`` (``meta["bn"]`` then says ``"eval"``, not
+    ``"reestimated"``).
+
+    Args:
+        model_a, model_b: two models with the same parameter names and shapes.
+        data, test_data, loss, dtype, device, memory_budget, progress: as in :func:`slice_1d`.
+        steps, span: the grid over ``t``; ``span`` must contain 0.
+        bn: ``"eval"`` or ``"train"`` (batch statistics) without re-estimation; re-estimation
+            implies ``"eval"`` with the new statistics.
+        bn_reestimate: re-estimate BatchNorm statistics at every point (see above).
+
+    Raises:
+        ValueError: models of different shapes, bad grid or data, a data batch of one sample
+            with ``bn_reestimate=True`` (BatchNorm cannot take batch statistics of one sample),
+            or ``bn="train"`` together with ``bn_reestimate=True``.
+        TypeError: ``bn_reestimate`` not a bool, or another argument of the wrong type.
     """
+    if not isinstance(bn_reestimate, bool):
+        raise TypeError(f"bn_reestimate must be True or False, got {bn_reestimate!r}")
     direction = interpolation_direction(model_a, model_b)
-    if not bn_reestimate:
-        s = slice_1d(model_a, data, direction, span, steps, test_data=test_data, loss=loss,
-                     dtype=dtype, device=device, **kwargs)
-        return s
-    return _interpolate_bn(model_a, direction, data, steps, span, test_data, loss, dtype, device)
+    if not (bn_reestimate and _running_stats_layers(model_a)):
+        return slice_1d(model_a, data, direction, span, steps, test_data=test_data, loss=loss,
+                        dtype=dtype, device=device, bn=bn, memory_budget=memory_budget,
+                        progress=progress)
+    if bn != "eval":
+        raise ValueError(f"bn={bn!r} with bn_reestimate=True: the re-estimated running "
+                         "statistics are evaluated with bn='eval'; pass bn='eval' or "
+                         "bn_reestimate=False")
+    return _interpolate_bn(model_a, direction, data, steps, span, test_data, loss, dtype,
+                           device, memory_budget, progress)
 
 
-def _interpolate_bn(model_a, direction, data, steps, span, test_data, loss, dtype, device):
-    import copy
+#: forward and backward hook tables of a module; a private copy must not call the caller's hooks
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+                "_backward_hooks", "_backward_pre_hooks")
 
+
+def _private_copy(model: nn.Module, dtype, device) -> nn.Module:
+    work = copy.deepcopy(model)
+    for m in work.modules():
+        for table in _HOOK_TABLES:
+            getattr(m, table, {}).clear()
+    for p in work.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return work.to(device=device, dtype=dtype)
+
+
+def _interpolate_bn(model_a, direction, data, steps, span, test_data, loss, dtype, device,
+                    memory_budget, progress):
     t = grid_axis(span, steps)
+    _check_grid_memory(len(t), test_data is not None, memory_budget, dims=1)
+    _check_args(dtype, device)
+    _check_progress(progress)
+    devices = {torch.device(device) if device is not None else p.device
+               for p in model_a.parameters()}
+    cuda = [d.index or 0 for d in devices if d.type == "cuda"]
+    with torch.random.fork_rng(devices=cuda):  # a model may draw random numbers when it runs
+        return _reestimated_path(model_a, direction, data, t, span, test_data, loss, dtype,
+                                 device, memory_budget, progress)
+
+
+def _reestimated_path(model_a, direction, data, t, span, test_data, loss, dtype, device,
+                      memory_budget, progress):
     t0 = time.perf_counter()
-    work = copy.deepcopy(model_a)  # our own copy: re-estimating statistics writes buffers
-    if dtype is not None:
-        work = work.to(dtype)
+    # everything below runs on a private copy (without the caller's hooks); data, loss and
+    # shapes are checked by the Objectives before any evaluation
+    work = _private_copy(model_a, dtype, device)
+    train = Objective(work, data, loss)
+    test = None if test_data is None else Objective(work, test_data, loss)
+    small = [i for i, (X, _) in enumerate(train.batches) if len(X) < 2]
+    if small:
+        raise ValueError(f"bn_reestimate=True needs data batches of at least 2 samples "
+                         f"(BatchNorm takes batch statistics); batch {small[0]} has 1")
     theta = {n: p.detach().clone() for n, p in work.named_parameters()}
-    bns = [m for m in work.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    train = Objective(work, data, loss, dtype=dtype, device=device)
+    bns = _running_stats_layers(work)
+    for m in bns:
+        m.momentum = None  # cumulative average over the batches
+    points = range(len(t))
+    if progress:
+        from tqdm.auto import tqdm
+
+        points = tqdm(points, desc="interpolate", unit="point")
     rows = []
     with torch.no_grad():
-        for ti in t:
+        for i in points:
             for n, p in work.named_parameters():
-                p.copy_(theta[n] + float(ti) * direction[n].to(p))
+                if n in direction:  # the floating parameters
+                    p.copy_(theta[n] + float(t[i]) * direction[n].to(p))
             for m in bns:
                 m.reset_running_stats()
-                m.momentum = None  # cumulative average over the batches
-            work.train()
+            for m in work.modules():  # only BatchNorm in train mode: dropout stays off
+                m.training = isinstance(m, nn.modules.batchnorm._BatchNorm)
             for X, _ in train.batches:
                 work(X)
             work.eval()
             row = []
-            for d in (data, test_data):
-                if d is None:
+            for obj in (train, test):
+                if obj is None:
                     row += [None, None]
                     continue
-                eng = _Engine(Objective(work, d, loss, dtype=dtype, device=device), [],
-                              DEFAULT_MEMORY_BUDGET)
+                eng = _Engine(Objective(work, obj.batches, loss), [], memory_budget)
                 l, a = eng.evaluate(np.zeros((1, 0)))
                 row += [l[0], a[0] if eng.classify else None]
             rows.append(row)
@@ -529,8 +695,7 @@ def _interpolate_bn(model_a, direction, data, steps, span, test_data, loss, dtyp
     info = train.info()
     meta = {"directions": [direction.describe()], "loss": info.loss,
             "num_samples": info.num_samples,
-            "num_test_samples": 0 if test_data is None else sum(
-                len(X) for X, _ in as_batches(test_data)),
+            "num_test_samples": 0 if test is None else test.num_samples,
             "bn": "reestimated", "dtype": info.dtype, "span": [list(map(float, span))],
             "steps": [len(t)], "engine": "loop", "seconds": time.perf_counter() - t0}
     centre = float(cols[0][int(np.flatnonzero(t == 0)[0])])
