@@ -558,9 +558,14 @@ class Objective:
         """Fail early, with a clear message, on inputs the model cannot take or targets that do
         not fit its outputs (one forward pass on a single sample)."""
         X0 = self.batches[0][0][:1]
+        self._draws_rng = False
         try:
-            with torch.no_grad():
+            with torch.no_grad(), preserve_global_rng():
+                state = torch.get_rng_state()
                 out = self.forward({}, X0, bn="eval")  # shapes only: BatchNorm may see 1 sample
+                # a model that draws random numbers when it runs (noise layers, F.dropout in a
+                # custom forward) gets every forward pass wrapped so the global RNG stays put
+                self._draws_rng = not torch.equal(state, torch.get_rng_state())
         except RuntimeError as exc:
             raise ValueError(
                 f"data: the model cannot evaluate inputs X of shape {tuple(X0.shape[1:])} "
@@ -588,7 +593,8 @@ class Objective:
     def forward(self, params: dict[str, Tensor], X: Tensor, bn: str | None = None) -> Tensor:
         """Model output at ``params`` (merged over the stored parameters) for inputs ``X``."""
         merged = {**self.params, **params}
-        with self.modes(bn):
+        rng = preserve_global_rng() if self._draws_rng else contextlib.nullcontext()
+        with self.modes(bn), rng:
             # buffers are our copies: BatchNorm in train mode may update them, the caller's never
             return functional_call(self.model, (merged, self.buffers), (X,))
 

@@ -325,3 +325,20 @@ def test_property_half_precision_equals_its_float32_copy(seed, half):
         fv.relative_flatness(copy32, data32, "2").value
     assert fv.hessian_trace(model, data).value == fv.hessian_trace(copy32, data32).value
     assert_same_state(before, model_state(model))
+
+
+class _Noisy(nn.Module):
+    """Draws from the global RNG in every forward pass (and adds nothing)."""
+
+    def forward(self, x):
+        return x + 0 * torch.rand_like(x)
+
+
+def test_a_model_that_draws_random_numbers_leaves_the_global_rng():
+    model = nn.Sequential(mlp(), _Noisy())
+    rng = torch.get_rng_state()
+    r = fv.hessian_trace(model, (X, Y), method="hutchinson", probes=2, seed=0)
+    fv.eps_sharpness(model, (X, Y), seed=0, steps=2)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert r.value == fv.hessian_trace(mlp(), (X, Y), method="hutchinson", probes=2,
+                                       seed=0).value

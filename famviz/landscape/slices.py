@@ -15,7 +15,6 @@ never modified.
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 import time
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..curvature import _sequential_leaves
-from ..objective import Objective
+from ..objective import Objective, check_dtype, replicate
 from .directions import Direction, check_direction, interpolation_direction
 
 __all__ = [
@@ -582,8 +581,8 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, steps: int = 21,
     layer are re-estimated from ``data`` (forward passes with only the BatchNorm layers in
     train mode, a cumulative average over the batches; dropout stays off) before the loss is
     evaluated, so interpolated weights are not judged with ``model_a``'s statistics. This runs
-    on a private copy of ``model_a`` without its hooks; the caller's models and torch's global
-    RNG are left as they were. On a model without BatchNorm layers that track running
+    on a private replica of ``model_a``; the caller's models and torch's global RNG are left
+    as they were. On a model without BatchNorm layers that track running
     statistics there is nothing to re-estimate and ``bn_reestimate=True`` is a no-op: the
     result equals ``bn_reestimate=False`` (``meta["bn"]`` then says ``"eval"``, not
     ``"reestimated"``).
@@ -617,21 +616,20 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, steps: int = 21,
                            device, memory_budget, progress)
 
 
-#: forward and backward hook tables of a module; a private copy must not call the caller's hooks
-_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-                "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
-                "_backward_hooks", "_backward_pre_hooks")
-
-
 def _private_copy(model: nn.Module, dtype, device) -> nn.Module:
-    work = copy.deepcopy(model)
-    for m in work.modules():
-        for table in _HOOK_TABLES:
-            getattr(m, table, {}).clear()
+    """A replica of ``model`` that owns copies of its parameters and buffers (re-estimation
+    writes both), frozen, in the evaluation dtype."""
+    dtype = check_dtype(dtype, model)
+
+    def own(t):
+        return t.detach().to(device=device, dtype=dtype if t.is_floating_point() else None,
+                             copy=True)
+
+    work = replicate(model, {n: own(p) for n, p in model.named_parameters()},
+                     {n: own(b) for n, b in model.named_buffers()})
     for p in work.parameters():
         p.requires_grad_(False)
-        p.grad = None
-    return work.to(device=device, dtype=dtype)
+    return work
 
 
 def _interpolate_bn(model_a, direction, data, steps, span, test_data, loss, dtype, device,
@@ -651,8 +649,8 @@ def _interpolate_bn(model_a, direction, data, steps, span, test_data, loss, dtyp
 def _reestimated_path(model_a, direction, data, t, span, test_data, loss, dtype, device,
                       memory_budget, progress):
     t0 = time.perf_counter()
-    # everything below runs on a private copy (without the caller's hooks); data, loss and
-    # shapes are checked by the Objectives before any evaluation
+    # everything below runs on a private replica; data, loss and shapes are checked by the
+    # Objectives before any evaluation
     work = _private_copy(model_a, dtype, device)
     train = Objective(work, data, loss)
     test = None if test_data is None else Objective(work, test_data, loss)
