@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .objective import Objective, check_finite_loss, shared_names
+from .objective import Objective, check_finite_loss
+from .replica import shared_names
 
 __all__ = [
     "HessianOperator",

@@ -66,14 +66,12 @@ from .measures.relative import NORMALIZATIONS  # None: the paper's κ; "m": κ /
 from .objective import (
     LOSSES,
     as_batches,
-    check_model,
     check_option,
     check_targets,
     resolve_layer,
-    replicate,
     resolve_loss,
-    shared_names,
 )
+from .replica import check_model, replicate, shared_names
 
 __all__ = [
     "METHODS",

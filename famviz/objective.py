@@ -27,9 +27,7 @@ Conventions (docs/math.md):
 from __future__ import annotations
 
 import contextlib
-import copy
 import numbers
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -38,12 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .replica import check_model, check_unshared, preserve_global_rng, replicate, shared_names
+
 __all__ = [
     "LOSSES",
+    "check_device",
     "check_dtype",
     "check_finite_loss",
     "check_targets",
-    "check_model",
     "BN_POLICIES",
     "Objective",
     "as_batches",
@@ -51,10 +51,6 @@ __all__ = [
     "check_seed",
     "resolve_layer",
     "resolve_params",
-    "check_unshared",
-    "preserve_global_rng",
-    "replicate",
-    "shared_names",
     "LayerReusedError",
 ]
 
@@ -103,22 +99,6 @@ def _to_tensor(a, what: str) -> Tensor:
         return torch.as_tensor(a)
     except Exception as exc:  # pragma: no cover - message only
         raise TypeError(f"{what} must be a tensor or array, got {type(a).__name__}") from exc
-
-
-_RNG_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def preserve_global_rng() -> Iterator[None]:
-    """Run a block that may draw from torch's global generators (iterating a user's
-    ``DataLoader`` draws its base seed there; a dataset's augmentation may draw more) and put
-    their states back afterwards, also on error. famviz's own blocks hold one lock, so two
-    threads running famviz cannot restore each other's states in the wrong order."""
-    with _RNG_LOCK:
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        devices = list(range(torch.cuda.device_count())) if cuda else []
-        with torch.random.fork_rng(devices=devices):
-            yield
 
 
 def _is_single_batch(data) -> bool:
@@ -260,23 +240,6 @@ def resolve_loss(loss) -> tuple[str, Callable[[Tensor, Tensor], Tensor]]:
 # ---------------------------------------------------------------------------- names and layers
 
 
-def check_model(model, name: str = "model", *, needs_params: bool = False) -> nn.Module:
-    """``model`` if it is an ``nn.Module`` whose tensors hold values (none on the meta
-    device) and, with ``needs_params``, that has at least one parameter."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
-    for what, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for tname, t in items:
-            if t.is_meta:
-                raise ValueError(
-                    f"{name}: {what} {tname!r} is on the meta device and holds no values; "
-                    "materialize the model first (model.to_empty(device=...) and load_state_dict)"
-                )
-    if needs_params and next(iter(model.parameters()), None) is None:
-        raise ValueError(f"{name} has no parameters: there is nothing to measure")
-    return model
-
-
 #: dtypes famviz computes in; half precision is raised to float32 (see the module docstring)
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
@@ -316,58 +279,15 @@ def check_dtype(dtype, model: nn.Module | None = None) -> torch.dtype:
     return dtype
 
 
-def shared_names(model: nn.Module) -> dict[str, str]:
-    """Every parameter or module name that reaches an object also reached under another name
-    (weight tying, a module used twice): ``{alias: first name}``. Empty for ordinary models."""
-    aliases: dict[str, str] = {}
-    for items in (model.named_modules(remove_duplicate=False),
-                  model.named_parameters(remove_duplicate=False)):
-        first: dict[int, str] = {}
-        for name, obj in items:
-            if id(obj) in first:
-                aliases[name] = first[id(obj)]
-            else:
-                first[id(obj)] = name
-    return aliases
-
-
-def replicate(model: nn.Module, params: dict[str, Tensor] | None = None,
-              buffers: dict[str, Tensor] | None = None, *, share: bool = False) -> nn.Module:
-    """A famviz-owned replica of ``model``: the same module structure, hooks and attributes (a
-    deep copy), but with parameters and buffers of its own.
-
-    Its parameters are ``params`` (name-keyed like ``named_parameters()``; default: detached
-    aliases of the model's, which share memory and are never written) and its buffers
-    ``buffers`` (default: copies). Tied parameters and modules used twice stay tied in the
-    replica. Evaluating, hooking or switching modes on the replica never touches ``model``.
-
-    With ``share``, the replica holds the model's own ``Parameter`` and buffer objects (for
-    training-time computations whose gradient must reach them, evaluated in eval mode so no
-    buffer is written); only its modules, flags and hooks are separate.
-    """
-    check_model(model)
-    memo: dict[int, object] = {}
-    for name, p in model.named_parameters():
-        if share:
-            memo[id(p)] = p
-            continue
-        t = p.detach() if params is None else params[name]
-        memo[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad and t.is_floating_point())
-    for name, b in model.named_buffers():
-        memo[id(b)] = b if share else b.detach().clone() if buffers is None else buffers[name]
-    for module in model.modules():  # tensors a hook computes (weight_norm's weight): recomputed
-        for value in vars(module).values():
-            if isinstance(value, Tensor) and value.grad_fn is not None:
-                memo[id(value)] = value.detach()
+def check_device(device) -> torch.device | None:
+    """``device`` as a ``torch.device`` (None stays None), or a ValueError naming it."""
+    if device is None:
+        return None
     try:
-        return copy.deepcopy(model, memo)
-    except Exception as exc:
-        raise TypeError(
-            f"famviz evaluates a private copy of the model's structure (copy.deepcopy) so that "
-            f"the model itself is never changed, and copying {type(model).__name__} failed "
-            f"({type(exc).__name__}: {exc}); make the model deep-copyable (e.g. drop references "
-            "to locks or open files; for torch.compile, pass model._orig_mod)"
-        ) from exc
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', "
+                         f"got {device!r}") from None
 
 
 def check_finite_loss(value: Tensor | float, what: str = "the loss at the model's weights") -> float:
@@ -419,23 +339,6 @@ def resolve_layer(model: nn.Module, layer: str, types: tuple[type, ...] = (nn.Li
     if unshared:
         check_unshared(model, layer, module)
     return module
-
-
-def check_unshared(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Raise a ValueError when ``module`` (called ``name``) is registered under a second name
-    (used twice) or shares a parameter with another module (tied weights)."""
-    own = {id(p) for p in module.parameters(recurse=False)}
-    for other_name, other in model.named_modules(remove_duplicate=False):
-        if other is module and other_name != name:
-            raise ValueError(
-                f"layer {name!r} is the same module as {other_name!r} (used twice); a per-layer "
-                "measure or rescaling is defined for a layer that is used once"
-            )
-        if other is not module and any(id(p) in own for p in other.parameters(recurse=False)):
-            raise ValueError(
-                f"a parameter of layer {name!r} is shared with module {other_name!r} (tied "
-                "weights); a per-layer measure or rescaling would also act on that module"
-            )
 
 
 def resolve_params(model: nn.Module, params=None) -> list[str]:
@@ -513,7 +416,8 @@ class Objective:
         check_option("bn", bn, BN_POLICIES)
         named = list(model.named_parameters())
         dtype = check_dtype(dtype, model)
-        self.device = torch.device(device) if device is not None else named[0][1].device
+        device = check_device(device)
+        self.device = device if device is not None else named[0][1].device
         self.dtype = dtype
         self.bn = bn
         self.loss_name, self.loss_fn = resolve_loss(loss)

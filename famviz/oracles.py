@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, hessian
 
-from .objective import Objective, check_dtype, replicate, resolve_layer, resolve_params
+from .objective import Objective, check_dtype, resolve_layer, resolve_params
+from .replica import replicate
 
 __all__ = ["dense_hessian", "block_traces", "relative_flatness_bruteforce"]
 

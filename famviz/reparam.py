@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from famviz.objective import Objective, as_batches, check_model, replicate, resolve_layer
+from famviz.objective import Objective, as_batches, resolve_layer
+from famviz.replica import check_model, replicate
 
 __all__ = [
     "MIN_FEATURE_STD",

@@ -15,7 +15,7 @@ from torch import nn
 import famviz as fv
 from famviz import fam, oracles
 from famviz import landscape as L
-from famviz.objective import replicate, shared_names
+from famviz.replica import replicate, shared_names
 
 from helpers import assert_same_state, model_state
 

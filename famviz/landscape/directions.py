@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature import generator, new_seed
-from ..objective import check_model, check_option, check_seed
+from ..objective import check_option, check_seed
+from ..replica import check_model
 
 __all__ = [
     "Direction",

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..curvature import _sequential_leaves
-from ..objective import Objective, check_dtype, replicate
+from ..objective import Objective, check_device, check_dtype
+from ..replica import replicate
 from .directions import Direction, check_direction, interpolation_direction
 
 __all__ = [
@@ -337,16 +338,9 @@ def _check_budget(memory_budget) -> None:
 
 
 def _check_args(dtype, device) -> None:
-    """Argument checks the Objective does not make."""
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float64 or None, "
-                        f"got {dtype!r}")
-    if device is not None:
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError, ValueError):
-            raise ValueError(f"device must be a torch.device or a name such as 'cpu' or "
-                             f"'cuda:0', got {device!r}") from None
+    """The Objective's dtype and device checks, made before the grid work is planned."""
+    check_dtype(dtype)
+    check_device(device)
 
 
 def _check_progress(progress) -> None:

@@ -40,8 +40,8 @@ from ..objective import (
     check_seed,
     resolve_layer,
     resolve_params,
-    shared_names,
 )
+from ..replica import shared_names
 from ._base import check_count
 
 __all__ = [

@@ -53,7 +53,8 @@ import torch
 from torch import nn
 
 from ..curvature import new_seed
-from ..objective import Objective, check_finite_loss, check_model, check_option, resolve_layer
+from ..objective import Objective, check_finite_loss, check_option, resolve_layer
+from ..replica import check_model
 from ._base import (
     CHANGES,
     INVARIANT,

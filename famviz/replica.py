@@ -1,0 +1,128 @@
+"""How famviz reads a caller's model without ever changing it.
+
+* :func:`check_model`: a module whose tensors hold values.
+* :func:`replicate`: a famviz-owned replica — the same modules, hooks and attributes (a deep
+  copy), with parameters and buffers of its own. Every evaluation runs on one, so threads,
+  Ctrl-C and hooks cannot leave the caller's module changed (``functional_call`` on the
+  caller's module would swap tensors inside it).
+* :func:`shared_names`, :func:`check_unshared`: modules used twice and tied weights, which
+  per-layer closed forms and rescalings must know about.
+* :func:`preserve_global_rng`: reading a user's ``DataLoader`` (or running a model that draws
+  random numbers) without moving torch's global random state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["check_model", "check_unshared", "preserve_global_rng", "replicate", "shared_names"]
+
+
+def check_model(model, name: str = "model", *, needs_params: bool = False) -> nn.Module:
+    """``model`` if it is an ``nn.Module`` whose tensors hold values (none on the meta
+    device) and, with ``needs_params``, that has at least one parameter."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    for what, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for tname, t in items:
+            if t.is_meta:
+                raise ValueError(
+                    f"{name}: {what} {tname!r} is on the meta device and holds no values; "
+                    "materialize the model first (model.to_empty(device=...) and load_state_dict)"
+                )
+    if needs_params and next(iter(model.parameters()), None) is None:
+        raise ValueError(f"{name} has no parameters: there is nothing to measure")
+    return model
+
+
+def shared_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter or module name that reaches an object also reached under another name
+    (weight tying, a module used twice): ``{alias: first name}``. Empty for ordinary models."""
+    aliases: dict[str, str] = {}
+    for items in (model.named_modules(remove_duplicate=False),
+                  model.named_parameters(remove_duplicate=False)):
+        first: dict[int, str] = {}
+        for name, obj in items:
+            if id(obj) in first:
+                aliases[name] = first[id(obj)]
+            else:
+                first[id(obj)] = name
+    return aliases
+
+
+def replicate(model: nn.Module, params: dict[str, Tensor] | None = None,
+              buffers: dict[str, Tensor] | None = None, *, share: bool = False) -> nn.Module:
+    """A famviz-owned replica of ``model``: the same module structure, hooks and attributes (a
+    deep copy), but with parameters and buffers of its own.
+
+    Its parameters are ``params`` (name-keyed like ``named_parameters()``; default: detached
+    aliases of the model's, which share memory and are never written) and its buffers
+    ``buffers`` (default: copies). Tied parameters and modules used twice stay tied in the
+    replica. Evaluating, hooking or switching modes on the replica never touches ``model``.
+
+    With ``share``, the replica holds the model's own ``Parameter`` and buffer objects (for
+    training-time computations whose gradient must reach them, evaluated in eval mode so no
+    buffer is written); only its modules, flags and hooks are separate.
+    """
+    check_model(model)
+    memo: dict[int, object] = {}
+    for name, p in model.named_parameters():
+        if share:
+            memo[id(p)] = p
+            continue
+        t = p.detach() if params is None else params[name]
+        memo[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad and t.is_floating_point())
+    for name, b in model.named_buffers():
+        memo[id(b)] = b if share else b.detach().clone() if buffers is None else buffers[name]
+    for module in model.modules():  # tensors a hook computes (weight_norm's weight): recomputed
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach()
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:
+        raise TypeError(
+            f"famviz evaluates a private copy of the model's structure (copy.deepcopy) so that "
+            f"the model itself is never changed, and copying {type(model).__name__} failed "
+            f"({type(exc).__name__}: {exc}); make the model deep-copyable (e.g. drop references "
+            "to locks or open files; for torch.compile, pass model._orig_mod)"
+        ) from exc
+
+
+def check_unshared(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Raise a ValueError when ``module`` (called ``name``) is registered under a second name
+    (used twice) or shares a parameter with another module (tied weights)."""
+    own = {id(p) for p in module.parameters(recurse=False)}
+    for other_name, other in model.named_modules(remove_duplicate=False):
+        if other is module and other_name != name:
+            raise ValueError(
+                f"layer {name!r} is the same module as {other_name!r} (used twice); a per-layer "
+                "measure or rescaling is defined for a layer that is used once"
+            )
+        if other is not module and any(id(p) in own for p in other.parameters(recurse=False)):
+            raise ValueError(
+                f"a parameter of layer {name!r} is shared with module {other_name!r} (tied "
+                "weights); a per-layer measure or rescaling would also act on that module"
+            )
+
+
+_RNG_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def preserve_global_rng() -> Iterator[None]:
+    """Run a block that may draw from torch's global generators (iterating a user's
+    ``DataLoader`` draws its base seed there; a dataset's augmentation may draw more) and put
+    their states back afterwards, also on error. famviz's own blocks hold one lock, so two
+    threads running famviz cannot restore each other's states in the wrong order."""
+    with _RNG_LOCK:
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        devices = list(range(torch.cuda.device_count())) if cuda else []
+        with torch.random.fork_rng(devices=devices):
+            yield
