@@ -6,6 +6,7 @@ and numpy.
 """
 
 from . import data, fam, landscape, models, oracles, reparam
+from .batches import Batches
 from .curvature import HessianOperator
 from .measures import (
     EigenResult,
@@ -49,6 +50,7 @@ __all__ = [
     "data",
     "models",
     # objective and curvature machinery
+    "Batches",
     "Objective",
     "HessianOperator",
     "oracles",

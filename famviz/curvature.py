@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .objective import Objective, check_finite_loss
+from .objective import Objective, check_finite_loss, double_backward_safe
 from .replica import shared_names
 
 __all__ = [
@@ -141,7 +141,8 @@ class HessianOperator:
         self.device = objective.device
         self.dtype = objective.dtype
         self.num_hvps = 0
-        loss = objective.loss(self._params)
+        with double_backward_safe():  # attention kernels that support double backward
+            loss = objective.loss(self._params)
         check_finite_loss(loss)
         grads = torch.autograd.grad(
             loss, list(self._params.values()), create_graph=True, allow_unused=True
@@ -152,14 +153,25 @@ class HessianOperator:
         self._inputs = [list(self._params.values())[i] for i in self._live]
 
     def _backward(self, parts: list[Tensor], batched: bool) -> list[Tensor]:
-        outs = torch.autograd.grad(
-            self._grads,
-            self._inputs,
-            grad_outputs=[parts[i] for i in self._live],
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=batched,
-        )
+        try:
+            outs = torch.autograd.grad(
+                self._grads,
+                self._inputs,
+                grad_outputs=[parts[i] for i in self._live],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=batched,
+            )
+        except RuntimeError as exc:
+            if "is not implemented" not in str(exc) or "derivative for" not in str(exc):
+                raise
+            raise ValueError(
+                f"the model uses an operation without a second derivative ({exc}); "
+                "Hessian-vector products differentiate twice. Replace it by one that has one "
+                "(for attention: the math/eager implementation, e.g. HuggingFace's "
+                "attn_implementation='eager'; famviz already routes "
+                "F.scaled_dot_product_attention through its math kernel)"
+            ) from exc
         full = [torch.zeros_like(p) for p in parts]
         for i, o in zip(self._live, outs):
             if o is not None:

@@ -63,11 +63,13 @@ from torch import Tensor, nn
 
 from .curvature import new_seed, piecewise_linear_after
 from .measures.relative import NORMALIZATIONS  # None: the paper's κ; "m": κ / inputs
+from .batches import OutputError, concat, describe, logits_of
 from .objective import (
     LOSSES,
     as_batches,
     check_option,
     check_targets,
+    double_backward_safe,
     resolve_layer,
     resolve_loss,
 )
@@ -205,6 +207,7 @@ class _Target:
         # hook and the evaluation modes are set on modules the caller never sees
         self.model = model = replicate(model, share=True)
         self.module = model.get_submodule(self.name)
+        self.output_fn = None  # set from famviz.Batches(..., output_fn=...) by the caller
         self.leaves: list[nn.Module] | None = None
         self.index = -1
         leaves: list[nn.Module] = []
@@ -230,14 +233,13 @@ class _Target:
         inputs) is replaced by a leaf that does, so the loss can be differentiated in it."""
         try:
             return self._forward(X)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, OutputError):
             raise
-        except RuntimeError as exc:  # shape mismatches and the like
-            raise ValueError(f"batch: the model cannot evaluate inputs X of shape "
-                             f"{tuple(X.shape[1:])} (per sample): {exc}") from exc
+        except (RuntimeError, TypeError) as exc:  # shapes, keyword inputs it does not take
+            raise ValueError(f"batch: the model cannot evaluate {describe(X)}: {exc}") from exc
 
-    def _forward(self, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if self.leaves is not None:
+    def _forward(self, X) -> tuple[Tensor, Tensor, Tensor]:
+        if self.leaves is not None and isinstance(X, Tensor):
             h = X
             for i, module in enumerate(self.leaves):
                 if i == self.index:
@@ -259,7 +261,8 @@ class _Target:
 
         handle = self.module.register_forward_hook(hook)
         try:
-            out = self.model(X)
+            out = logits_of(self.model(X) if isinstance(X, Tensor) else X.call(self.model),
+                            self.output_fn)
         finally:
             handle.remove()
         if store["calls"] != 1:
@@ -297,6 +300,7 @@ def penalty_path(model: nn.Module, batch, layer: str | None = None, loss="cross_
     loss_name, _ = resolve_loss(loss)
     W = target.module.weight
     X = as_batches(batch, dtype=W.dtype, device=W.device)[0][0][:1]
+    target.output_fn = getattr(batch, "output_fn", None)
     with torch.no_grad(), _eval_modes(target.model):
         out, _, z = target.forward(X)
     return _plan(model, target, loss_name, z, out)
@@ -466,11 +470,12 @@ def penalty(
     loss_name, loss_fn = resolve_loss(loss)
     W = target.module.weight
     batches = as_batches(batch, dtype=W.dtype, device=W.device)
-    X = torch.cat([b[0] for b in batches])
+    X = concat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
+    target.output_fn = getattr(batch, "output_fn", None)
     if loss_name == "cross_entropy" and not y.is_floating_point():
         y = y.long()  # class indices of any integer dtype (or bool)
-    with torch.enable_grad(), _eval_modes(target.model):
+    with torch.enable_grad(), _eval_modes(target.model), double_backward_safe():
         out, phi, z = target.forward(X)
         if loss_name in LOSSES:
             check_targets(loss_name, tuple(out.shape), y)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .batches import (
+    FORMS,
+    Inputs,
+    OutputError,
+    describe,
+    is_single_batch,
+    logits_of,
+    split_batch,
+)
 from .replica import check_model, check_unshared, preserve_global_rng, replicate, shared_names
 
 __all__ = [
@@ -43,6 +52,7 @@ __all__ = [
     "check_device",
     "check_dtype",
     "check_finite_loss",
+    "double_backward_safe",
     "check_targets",
     "BN_POLICIES",
     "Objective",
@@ -92,66 +102,51 @@ def check_option(name: str, value, valid: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------------------- data
 
 
-def _to_tensor(a, what: str) -> Tensor:
-    if isinstance(a, Tensor):
-        return a
-    try:
-        return torch.as_tensor(a)
-    except Exception as exc:  # pragma: no cover - message only
-        raise TypeError(f"{what} must be a tensor or array, got {type(a).__name__}") from exc
-
-
-def _is_single_batch(data) -> bool:
-    # (X, y) with X a tensor/array; a list of batches holds pairs, which have no shape
-    return isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape")
-
-
 def as_batches(
     data,
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> list[tuple[Tensor, Tensor]]:
+) -> list[tuple[Tensor | Inputs, Tensor]]:
     """Normalize ``data`` to a list of ``(X, y)`` batches, cast and checked.
 
-    Floating-point inputs (and floating targets) are cast to ``dtype``; integer targets are kept.
+    ``X`` is a tensor, or :class:`famviz.batches.Inputs` for positional/keyword inputs (see
+    :mod:`famviz.batches` for every form a batch may take). Floating-point inputs (and floating
+    targets) are cast to ``dtype``; integer inputs (token ids) and targets are kept.
 
     Raises:
-        ValueError: empty data, a batch whose X and y lengths differ, or NaN/inf in X or y.
-        TypeError: something that is neither ``(X, y)`` nor an iterable of ``(X, y)``.
+        ValueError: empty data, a batch whose inputs and y lengths differ, or NaN/inf in them.
+        TypeError: something that is neither a batch nor an iterable of batches.
     """
     if data is None:
-        raise TypeError("data must be (X, y) or an iterable of (X, y) batches, got None")
-    if _is_single_batch(data):
-        raw: Iterable = [tuple(data)]
-    elif isinstance(data, Iterable):
+        raise TypeError(f"data must be one batch or an iterable of batches ({FORMS}), got None")
+    if is_single_batch(data):
+        raw: Iterable = [data]
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
         raw = data
     else:
-        raise TypeError(
-            f"data must be (X, y) or an iterable of (X, y) batches, got {type(data).__name__}"
-        )
+        raise TypeError(f"data must be one batch or an iterable of batches ({FORMS}), got "
+                        f"{type(data).__name__}")
     batches = []
     with preserve_global_rng():
         items = list(raw)
     for i, batch in enumerate(items):
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError(
-                f"batch {i} of data is {type(batch).__name__}; each batch must be a pair (X, y)"
-            )
-        X, y = _to_tensor(batch[0], "X"), _to_tensor(batch[1], "y")
-        if X.ndim == 0 or y.ndim == 0 or len(X) != len(y):
+        X, y = split_batch(batch, i)
+        if isinstance(X, Tensor) and X.ndim == 0:
+            raise ValueError(f"data, batch {i}: X is a 0-d tensor; it needs a sample axis")
+        if y.ndim == 0 or len(X) != len(y):
             raise ValueError(
-                f"data, batch {i}: X has shape {tuple(X.shape)} but y has shape {tuple(y.shape)}; "
-                "they need the same number of samples along the first axis"
+                f"data, batch {i}: {len(X)} samples of {describe(X)}, but y has shape "
+                f"{tuple(y.shape)}; they need the same number of samples along the first axis"
             )
-        if len(X) == 0:
+        n = len(X)
+        if n == 0:
             continue
-        if X.is_floating_point():
-            X = X.to(device=device, dtype=dtype)
-            if not torch.isfinite(X).all():
+        X = X.to(device=device, dtype=dtype if X.is_floating_point() else None) \
+            if isinstance(X, Tensor) else X.to(dtype=dtype, device=device)
+        for t in [X] if isinstance(X, Tensor) else X.tensors():
+            if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(f"data, batch {i}: X contains NaN or inf; clean the data first")
-        else:
-            X = X.to(device=device)
         if y.is_floating_point():
             y = y.to(device=device, dtype=dtype)
             if not torch.isfinite(y).all():
@@ -288,6 +283,15 @@ def check_device(device) -> torch.device | None:
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', "
                          f"got {device!r}") from None
+
+
+def double_backward_safe():
+    """A context in which attention runs through PyTorch's math kernel: the fused
+    scaled-dot-product-attention kernels have no double backward, which Hessian-vector products
+    and exact penalty gradients need (a model with attention would otherwise fail there)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def check_finite_loss(value: Tensor | float, what: str = "the loss at the model's weights") -> float:
@@ -442,6 +446,8 @@ class Objective:
             self.buffers[name] = t
         #: the private replica every evaluation runs on; the caller's ``model`` is only read
         self.model = replicate(model, self.params, self.buffers)
+        #: picks the logits from the model's output (``famviz.Batches(..., output_fn=...)``)
+        self.output_fn = getattr(data, "output_fn", None)
         self.batches = as_batches(data, dtype=dtype, device=self.device)
         if self.loss_name == "cross_entropy":
             # class indices of any integer (or bool) dtype, as F.cross_entropy needs them
@@ -470,11 +476,10 @@ class Objective:
                 # a model that draws random numbers when it runs (noise layers, F.dropout in a
                 # custom forward) gets every forward pass wrapped so the global RNG stays put
                 self._draws_rng = not torch.equal(state, torch.get_rng_state())
-        except RuntimeError as exc:
-            raise ValueError(
-                f"data: the model cannot evaluate inputs X of shape {tuple(X0.shape[1:])} "
-                f"(per sample): {exc}"
-            ) from exc
+        except OutputError:
+            raise
+        except (RuntimeError, TypeError) as exc:  # shapes, or keyword inputs it does not take
+            raise ValueError(f"data: the model cannot evaluate {describe(X0)}: {exc}") from exc
         for X, y in self.batches:
             check_targets(self.loss_name, tuple(out.shape), y)
 
@@ -498,9 +503,11 @@ class Objective:
         """Model output at ``params`` (merged over the stored parameters) for inputs ``X``."""
         merged = {**self.params, **params}
         rng = preserve_global_rng() if self._draws_rng else contextlib.nullcontext()
+        args, kwargs = ((X,), None) if isinstance(X, Tensor) else (X.args, X.kwargs)
         with self.modes(bn), rng:
             # buffers are our copies: BatchNorm in train mode may update them, the caller's never
-            return functional_call(self.model, (merged, self.buffers), (X,))
+            out = functional_call(self.model, (merged, self.buffers), args, kwargs)
+        return logits_of(out, self.output_fn)
 
     def batch_loss(self, params: dict[str, Tensor], X: Tensor, y: Tensor) -> Tensor:
         out = self.forward(params, X)

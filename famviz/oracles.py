@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, hessian
 
-from .objective import Objective, check_dtype, resolve_layer, resolve_params
+from .batches import concat, logits_of
+from .objective import Objective, check_dtype, double_backward_safe, resolve_layer, resolve_params
 from .replica import replicate
 
 __all__ = ["dense_hessian", "block_traces", "relative_flatness_bruteforce"]
@@ -37,9 +38,10 @@ def dense_hessian(model: nn.Module, data, loss="cross_entropy", params=None,
     names = resolve_params(model, params)
     # validation only (model, data, targets, dtype: the same clear errors as every measure);
     # the Hessian below shares none of the objective's evaluation code
-    batches = Objective(model, data, loss, dtype=dtype).batches
-    X = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
+    obj = Objective(model, data, loss, dtype=dtype)
+    X = concat([b[0] for b in obj.batches])
+    y = torch.cat([b[1] for b in obj.batches])
+    args, kwargs = ((X,), None) if isinstance(X, Tensor) else (X.args, X.kwargs)
     dtype = check_dtype(dtype)
     base = {n: p.detach().to(dtype) for n, p in model.named_parameters()}
     buffers = {n: b.detach().to(dtype) if b.is_floating_point() else b.detach().clone()
@@ -55,11 +57,12 @@ def dense_hessian(model: nn.Module, data, loss="cross_entropy", params=None,
         parts = torch.split(flat, sizes)
         p = dict(base)
         p.update({n: t.reshape(s) for n, t, s in zip(names, parts, shapes)})
-        return fn(functional_call(net, (p, buffers), (X,)), y)
+        return fn(logits_of(functional_call(net, (p, buffers), args, kwargs), obj.output_fn), y)
 
     net = replicate(model, base, buffers).eval()
     flat = torch.cat([base[n].reshape(-1) for n in names])
-    return hessian(f)(flat), names
+    with double_backward_safe():
+        return hessian(f)(flat), names
 
 
 def block_traces(H_weight: Tensor, d: int, m: int) -> Tensor:

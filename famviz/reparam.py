@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from famviz.batches import Inputs, OutputError, describe, logits_of
 from famviz.objective import Objective, as_batches, resolve_layer
 from famviz.replica import check_model, replicate
 
@@ -641,35 +642,33 @@ def normalize_features(model: nn.Module, layer: str, data) -> nn.Module:
     return new
 
 
-def _inputs(X) -> list[Tensor]:
-    if isinstance(X, Tensor):
+def _inputs(X) -> list:
+    if isinstance(X, (Tensor, Inputs)):
         xs = [X]
     elif hasattr(X, "__array__") and not isinstance(X, (tuple, list)):
         xs = [torch.as_tensor(X)]
     else:
         xs = [b[0] for b in as_batches(X)]
     for x in xs:
-        if x.numel() == 0:
+        if len(x) == 0 if isinstance(x, Inputs) else x.numel() == 0:
             raise ValueError("X is empty: pass at least one sample")
     return xs
 
 
-def _run(model: nn.Module, x: Tensor) -> Tensor:
+def _run(model: nn.Module, x) -> Tensor:
     ref = next(model.parameters(), None)
     if ref is None:
         ref = next((b for b in model.buffers() if b.is_floating_point()), None)
     if ref is not None:
-        x = x.to(device=ref.device, dtype=ref.dtype if x.is_floating_point() else None)
+        x = (x.to(device=ref.device, dtype=ref.dtype if x.is_floating_point() else None)
+             if isinstance(x, Tensor) else x.to(dtype=ref.dtype, device=ref.device))
     try:
-        out = model(x)
-    except RuntimeError as exc:
-        raise ValueError(f"X: the model cannot evaluate inputs of shape {tuple(x.shape[1:])} (per "
-                         f"sample): {exc}") from exc
-    if not isinstance(out, Tensor):
-        raise TypeError(
-            f"max_output_change needs models that return one tensor, got {type(out).__name__}"
-        )
-    return out
+        out = model(x) if isinstance(x, Tensor) else x.call(model)
+    except OutputError:
+        raise
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"X: the model cannot evaluate {describe(x)}: {exc}") from exc
+    return logits_of(out)
 
 
 def max_output_change(model_a: nn.Module, model_b: nn.Module, X) -> float:
@@ -685,7 +684,8 @@ def max_output_change(model_a: nn.Module, model_b: nn.Module, X) -> float:
 
     Args:
         model_a, model_b: the two models (e.g. a model and its reparameterization).
-        X: input tensor (or array), or famviz ``data``: ``(X, y)`` or an iterable of batches.
+        X: input tensor (or array), :class:`famviz.batches.Inputs`, or famviz ``data`` (one
+            batch or an iterable of batches, in any form of :mod:`famviz.batches`).
 
     Returns:
         The maximum as a Python float.

@@ -146,7 +146,7 @@ def test_not_a_model_or_not_data(digits_small):
         fv.hessian_trace(lambda x: x, digits_small)
     with pytest.raises(TypeError, match="data must be"):
         as_batches(42)
-    with pytest.raises(TypeError, match="each batch must be a pair"):
+    with pytest.raises(TypeError, match="batch 0 of data is a Tensor; famviz reads \\(X, y\\)"):
         as_batches([torch.zeros(3, 2)])
 
 

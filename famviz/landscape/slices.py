@@ -166,7 +166,7 @@ class _Engine:
                 continue  # a no-op on (N, features) inputs
             else:
                 return None
-        if any(X.ndim != 2 for X, _ in self.obj.batches):
+        if any(not isinstance(X, Tensor) or X.ndim != 2 for X, _ in self.obj.batches):
             return None
         _, W0, B0 = ops[0]
         first = [torch.einsum("nm,kdm->knd", X, W0) + (B0[:, None, :] if B0 is not None else 0)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from ..batches import describe
 from ..curvature import ParamLayout
 from ..objective import Objective, check_finite_loss, check_seed, resolve_params  # noqa: F401
 
@@ -203,6 +204,14 @@ class Evaluator:
     """
 
     def __init__(self, obj: Objective, names: Sequence[str], adversary: Adversary | None = None):
+        if adversary is not None:
+            for X, _ in obj.batches:
+                if not (isinstance(X, Tensor) and X.is_floating_point()):
+                    raise ValueError(
+                        f"the adversarial loss perturbs the inputs, so it needs one floating "
+                        f"input tensor per batch; this data has {describe(X)} (token ids or "
+                        "several inputs): use a measure without an adversary"
+                    )
         self.obj = obj
         self.adversary = adversary
         self.layout = ParamLayout(tuple(names), tuple(obj.params[n].shape for n in names))
