@@ -44,6 +44,10 @@ __all__ = [
     "linear_pullback",
     "Pullback",
     "loss_hessian_factor",
+    "softmax_complement",
+    "softmax_coupling",
+    "laplacian",
+    "row_distances",
     "piecewise_linear_after",
     "piecewise_linear_stack",
     "new_seed",
@@ -358,12 +362,54 @@ def power_iteration_top(op: HessianOperator, k: int, tol: float, max_iter: int, 
 # ------------------------------------------------------------------ Gauss-Newton pull-backs
 
 
+def softmax_complement(p: Tensor) -> Tensor:
+    """:math:`1 - p` for softmax rows ``p`` (N, d), accurate where :math:`p_i \\approx 1`.
+
+    ``1 - p_i`` in floating point loses every digit below the rounding of :math:`p_i` (in
+    float32 a :math:`1 - p_i` of 1e-9 becomes 0); the row's largest entry therefore gets the
+    sum of the other entries instead (positive terms, no cancellation). The other entries are
+    at most 1/2, where ``1 - p_i`` is exact to rounding.
+    """
+    top = p.argmax(dim=1, keepdim=True)
+    rest = p.scatter(1, top, 0.0).sum(dim=1, keepdim=True)
+    return (1 - p).scatter(1, top, rest)
+
+
+def softmax_coupling(p: Tensor, w: Tensor) -> Tensor:
+    r""":math:`A = \sum_n w_n p_n p_n^\top` with its diagonal set to zero (d×d, entries
+    >= 0), for softmax rows ``p`` (N, d) and weights ``w`` >= 0 (N,).
+
+    Since :math:`\sum_{j} p_{nj} = 1`, :math:`\sum_n w_n(\mathrm{diag}(p_n) - p_np_n^\top)`
+    is the graph Laplacian :math:`\mathrm{diag}(A\mathbf 1) - A` of A, and for any matrix W
+    with rows :math:`w_s`, :math:`\langle WW^\top, \mathrm{diag}(A\mathbf 1) - A\rangle
+    = \tfrac12 \sum_{s,s'} A_{ss'}\|w_s - w_{s'}\|^2`. Both forms are sums of non-negative
+    terms: no cancellation when ``p`` is nearly one-hot (near-zero cross-entropy), where
+    :math:`\sum_s p_s\|w_s\|^2 - \|\sum_s p_s w_s\|^2` subtracts two nearly equal numbers
+    (and can come out negative in float32).
+    """
+    A = (p * w[:, None]).T @ p
+    return A * (1 - torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
+
+
+def laplacian(A: Tensor) -> Tensor:
+    r""":math:`\mathrm{diag}(A\mathbf 1) - A` (see :func:`softmax_coupling`)."""
+    return torch.diag(A.sum(dim=1)) - A
+
+
+def row_distances(W: Tensor) -> Tensor:
+    r""":math:`E_{ss'} = \|w_s - w_{s'}\|^2` for the rows of W (d×m), from the differences
+    themselves (not from :math:`\|w_s\|^2 + \|w_{s'}\|^2 - 2\langle w_s, w_{s'}\rangle`,
+    which cancels for nearby rows)."""
+    return torch.cdist(W[None], W[None], compute_mode="donot_use_mm_for_euclid_dist")[0].pow(2)
+
+
 def loss_hessian_factor(loss_name: str, output: Tensor) -> Tensor:
     """Per-sample factor ``S`` (C, N, d_out) of the loss Hessian in the output:
     :math:`\\partial^2 \\ell_n / \\partial o_n^2 = \\sum_c S_{c,n} S_{c,n}^\\top`.
 
     * cross-entropy (softmax): :math:`\\mathrm{diag}(p) - pp^\\top`, factor column
-      :math:`c`: :math:`\\sqrt{p_c}\\,(e_c - p)`; labels do not enter.
+      :math:`c`: :math:`\\sqrt{p_c}\\,(e_c - p)`; labels do not enter. Its entry
+      :math:`1 - p_c` comes from :func:`softmax_complement` (accurate near a one-hot p).
     * MSE (mean over the d outputs of a sample): :math:`(2/d)\\,I`, columns
       :math:`\\sqrt{2/d}\\,e_c`.
     """
@@ -372,7 +418,10 @@ def loss_hessian_factor(loss_name: str, output: Tensor) -> Tensor:
         p = torch.softmax(output, dim=1)
         eye = torch.eye(d, dtype=output.dtype, device=output.device)
         # S[c, n, :] = sqrt(p[n, c]) * (e_c - p[n])
-        return p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None, :, :])
+        S = p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None, :, :])
+        c = torch.arange(d, device=output.device)
+        S[c, :, c] = (p.sqrt() * softmax_complement(p)).T
+        return S
     if loss_name == "mse":
         eye = torch.eye(d, dtype=output.dtype, device=output.device) * math.sqrt(2.0 / d)
         return eye[:, None, :].expand(d, N, d)
@@ -444,20 +493,33 @@ class Pullback:
     def gram(self, w: Tensor) -> Tensor:
         r""":math:`\sum_n w_n G_n` (d×d) for weights ``w`` >= 0 (N_b,)."""
         if self.delta is None:
-            if self.loss_name == "cross_entropy":  # G_n = diag(p_n) - p_n p_n^T
-                p = torch.softmax(self.output, dim=1)
-                return torch.diag(w @ p) - (p * w[:, None]).T @ p
+            if self.loss_name == "cross_entropy":  # G_n = diag(p_n) - p_n p_n^T: a Laplacian
+                return laplacian(softmax_coupling(torch.softmax(self.output, dim=1), w))
             d = self.output.shape[1]  # mse: G_n = (2/d) I
             return torch.eye(d, dtype=w.dtype, device=w.device) * (2.0 / d) * w.sum()
         D = (self.delta * w.sqrt()[None, :, None]).reshape(-1, self.delta.shape[-1])
         return D.T @ D
 
+    def kappa(self, W: Tensor, w: Tensor) -> Tensor:
+        r""":math:`\langle WW^\top, \sum_n w_n G_n\rangle` (a scalar) for weights ``w`` >= 0,
+        as a sum of non-negative terms: :math:`\tfrac12\sum_{s,s'} A_{ss'}\|w_s -
+        w_{s'}\|^2` for cross-entropy on the output (:func:`softmax_coupling`),
+        :math:`\sum_{c,n} w_n \|W^\top\delta_{cn}\|^2` through ``delta``. Equal to
+        ``(W @ W.T * gram(w)).sum()`` in exact arithmetic, but never negative and accurate to
+        the working precision also near zero cross-entropy."""
+        if self.delta is None:
+            if self.loss_name == "cross_entropy":
+                A = softmax_coupling(torch.softmax(self.output, dim=1), w)
+                return (A * row_distances(W)).sum() / 2
+            return (2.0 / self.output.shape[1]) * w.sum() * W.pow(2).sum()
+        return ((self.delta * w.sqrt()[None, :, None]) @ W).pow(2).sum()
+
     def diag(self) -> Tensor:
         r""":math:`\mathrm{diag}(G_n)` for every sample, (N_b, d)."""
         if self.delta is None:
-            if self.loss_name == "cross_entropy":
+            if self.loss_name == "cross_entropy":  # p (1 - p), with 1 - p accurate near 1
                 p = torch.softmax(self.output, dim=1)
-                return p - p * p
+                return p * softmax_complement(p)
             return torch.full_like(self.output, 2.0 / self.output.shape[1])
         return self.delta.pow(2).sum(dim=0)
 
