@@ -267,31 +267,93 @@ def hutchpp_trace(op: HessianOperator, hvps: int, seed: int) -> Estimate:
 class Eigen:
     values: Tensor  # (k,), descending
     vectors: Tensor  # (k, dim), unit norm
-    residuals: Tensor  # (k,), ||H v - lambda v||
+    residuals: Tensor  # (k,), ||H v - lambda v||, from k final HVPs
     iterations: int
     converged: bool
+    scale: float  # the spectral scale the tolerances are relative to (a lower bound of ||H||_2)
+
+
+#: a Lanczos vector whose norm after reorthogonalization is below this many machine epsilons
+#: times the spectral scale spans nothing new: the Krylov space is invariant (breakdown)
+BREAKDOWN_EPS = 100
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def residual_ok(residual: Tensor, values: Tensor, tol: float, scale: float) -> bool:
+    """The convergence test of both eigensolvers: every :math:`\\|Hv_i - \\lambda_i v_i\\|
+    \\le \\mathrm{tol}\\cdot\\max(|\\lambda_i|, s)` with s the spectral scale (so eigenvalues
+    far below the top are held to an accuracy relative to the top, and a zero Hessian passes),
+    or below the working precision (:data:`BREAKDOWN_EPS` machine epsilons times s) when
+    ``tol`` asks for more than the dtype can give."""
+    floor = BREAKDOWN_EPS * _eps(residual.dtype) * scale
+    bound = (tol * values.abs().clamp_min(scale)).clamp_min(floor)
+    return bool((residual <= bound).all())
+
+
+def _true_residuals(op: HessianOperator, vals: Tensor, vecs: Tensor) -> Tensor:
+    return (op.matmat(vecs) - vals[:, None] * vecs).norm(dim=1)
+
+
+def _unit_orthogonal(n: int, Q: list[Tensor], gen: torch.Generator, op) -> Tensor | None:
+    """A random unit vector orthogonal to the rows of Q (None if Q spans everything)."""
+    q = torch.randn(n, generator=gen, device=op.device, dtype=op.dtype)
+    q = q / q.norm()
+    if Q:
+        Qm = torch.stack(Q)
+        for _ in range(2):
+            q = q - Qm.T @ (Qm @ q)
+    norm = float(q.norm())
+    if norm <= BREAKDOWN_EPS * _eps(op.dtype):
+        return None
+    return q / norm
 
 
 def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int) -> Eigen:
     """The ``k`` largest (algebraic) eigenpairs by Lanczos with full reorthogonalization.
 
-    Stops when every wanted Ritz pair has residual :math:`|\\beta_j s_{j,i}| \\le
-    \\mathrm{tol}\\cdot|\\theta_i|` — a bound on :math:`\\|Hv - \\theta v\\|`, which bounds the
-    eigenvalue error by the same relative amount.
+    All tolerances are relative to the spectral scale s, the largest :math:`\\|Hq_j\\|` seen
+    (a lower bound of :math:`\\|H\\|_2`), so a Hessian scaled by 1e-20 or 1e+20 takes the same
+    iterations and gives the same relative accuracy. A Ritz pair is converged when its residual
+    bound :math:`|\\beta_j s_{j,i}| \\le \\mathrm{tol}\\cdot\\max(|\\theta_i|, s)`
+    (:func:`residual_ok`); the eigenvalue error is then at most that residual.
+
+    One Krylov space holds one copy of a repeated eigenvalue, and it becomes invariant (a
+    breakdown) when the Hessian is zero or of low rank. So a run ends with a *block*: when its
+    top k Ritz pairs have converged or it broke down. For ``k >= 2`` another block then starts
+    from a random vector orthogonal to every Lanczos vector so far (where the missed copies
+    live) and runs until its top Ritz pair has converged: if that lies below the k-th value
+    found, nothing was missed; otherwise its values join and it runs on as a full block,
+    followed by another check. Exactly ``k`` values come back. The check costs a second run for
+    ``k >= 2``; for ``k = 1`` multiplicity does not matter and there is none.
+
+    ``converged`` is decided at the end from the true residuals :math:`\\|Hv - \\theta v\\|`
+    (k more HVPs), not from the Lanczos bound, and is False when ``max_iter`` (all blocks
+    together) ran out before the check.
     """
     n = op.dim
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the number of parameters ({n}), got {k}")
     max_iter = min(max_iter, n)
+    if max_iter < k:
+        raise ValueError(f"max_iter={max_iter} is below k={k}: Lanczos needs at least k "
+                         "iterations for k eigenvalues; raise max_iter")
     gen = generator(seed, op.device)
-    q = torch.randn(n, generator=gen, device=op.device, dtype=op.dtype)
-    Q = [q / q.norm()]
-    alphas: list[float] = []
-    betas: list[float] = []
-    converged = False
+    Q: list[Tensor] = [_unit_orthogonal(n, [], gen, op)]
+    done: list[tuple[Tensor, Tensor]] = []  # finished blocks: (Ritz values, Ritz vectors)
+    start, alphas, betas = 0, [], []  # the current block: Q[start:], its tridiagonal T
+    scale, converged, iterations = 0.0, False, 0
     theta = S = None
-    for j in range(max_iter):
-        w = op.matvec(Q[j])
-        alpha = float(w @ Q[j])
-        alphas.append(alpha)
+    kth = -math.inf  # the k-th largest value of the finished blocks
+
+    for _ in range(max_iter):
+        iterations += 1
+        q = Q[-1]
+        w = op.matvec(q)
+        scale = max(scale, float(w.norm()))
+        alphas.append(float(w @ q))
         Qm = torch.stack(Q)
         for _ in range(2):  # twice is enough (Kahan-Parlett)
             w = w - Qm.T @ (Qm @ w)
@@ -302,52 +364,93 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: in
             T += torch.diag(off, 1) + torch.diag(off, -1)
         theta, S = torch.linalg.eigh(T)
         theta, S = theta.flip(0), S.flip(1)
-        kk = min(k, j + 1)
-        bounds = (beta * S[-1, :kk]).abs()
-        if j + 1 >= k and bool((bounds <= tol * theta[:kk].abs().clamp_min(1e-30)).all()):
+        broke = beta <= BREAKDOWN_EPS * _eps(op.dtype) * scale
+        bounds = (beta * S[-1, :]).abs()
+        checking = bool(done)  # a block after the first looks for missed values
+        if not broke:
+            top_ok = residual_ok(bounds[:1], theta[:1], tol, scale)
+            if checking and top_ok and float(theta[0]) <= kth:
+                converged = True  # the complement holds nothing among the top k
+                break
+            kk = min(k, len(alphas))
+            have = sum(len(v) for v, _ in done) + len(alphas)
+            if not (have >= k and residual_ok(bounds[:kk], theta[:kk], tol, scale)):
+                betas.append(beta)
+                Q.append(w / beta)
+                continue
+        # the block is finished: its converged (or, after a breakdown, exact) pairs are kept
+        new_top = float(theta[0]) > kth
+        done.append((theta, S.to(op.dtype).T @ torch.stack(Q[start:])))
+        alphas, betas = [], []
+        vals = torch.cat([v for v, _ in done])
+        if len(vals) >= k:
+            kth = float(vals.sort(descending=True).values[k - 1])
+        if (k == 1 and not checking) or (checking and not new_top):
             converged = True
             break
-        if beta < 1e-12 * max(1.0, abs(alpha)):  # invariant subspace found: exact
-            converged = j + 1 >= k
+        q = _unit_orthogonal(n, Q, gen, op) if len(Q) < n else None
+        if q is None:
+            converged = True  # every direction is spanned: all n eigenvalues are exact
             break
-        betas.append(beta)
-        Q.append(w / beta)
-    kk = min(k, len(alphas))
-    Qm = torch.stack(Q[: len(alphas)])
-    vecs = (S[:, :kk].to(op.dtype).T @ Qm)
+        start = len(Q)
+        Q.append(q)
+    if alphas:  # the unfinished block
+        done.append((theta, S.to(op.dtype).T @ torch.stack(Q[start:start + len(alphas)])))
+    vals = torch.cat([v for v, _ in done])
+    vecs = torch.cat([v for _, v in done])
+    if len(vals) < k:  # pragma: no cover - max_iter >= k gives k Ritz values
+        raise RuntimeError(f"Lanczos produced {len(vals)} Ritz values for k={k}")
+    order = torch.argsort(vals, descending=True)[:k]
+    vals = vals[order].to(op.dtype)
+    vecs = vecs[order]
     vecs = vecs / vecs.norm(dim=1, keepdim=True)
-    res = (beta * S[-1, :kk]).abs().to(op.dtype)  # ||H v - theta v|| = |beta s_last|: no HVP
-    return Eigen(theta[:kk].to(op.dtype), vecs, res, len(alphas), converged)
+    res = _true_residuals(op, vals, vecs)
+    converged = converged and residual_ok(res, vals, tol, scale)
+    return Eigen(vals, vecs, res, iterations, converged, scale)
 
 
 def power_iteration_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int) -> Eigen:
     """The ``k`` dominant eigenpairs (largest magnitude) by power iteration with deflation.
 
-    Each pair iterates until the Rayleigh quotient changes by less than ``tol`` relative, as
-    PyHessian does; later pairs are kept orthogonal to the earlier ones.
+    Each pair iterates (at most ``max_iter`` HVPs) until its residual
+    :math:`\\|Hv - \\lambda v\\| \\le \\mathrm{tol}\\cdot\\max(|\\lambda|, s)`, s the spectral
+    scale (the largest :math:`\\|Hv\\|` seen; :func:`residual_ok`). This is stricter than
+    PyHessian's rule (the Rayleigh quotient changing by less than ``tol``), which stops long
+    before the eigenvector is found when the top two eigenvalues are close. Later pairs are
+    kept orthogonal to the earlier ones. A direction the (deflated) Hessian maps to zero is an
+    eigenvector with eigenvalue 0: a zero Hessian gives zeros, not NaN.
+
+    ``converged`` is decided at the end from the true residuals of all k pairs.
     """
+    n = op.dim
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the number of parameters ({n}), got {k}")
     gen = generator(seed, op.device)
     values, vectors = [], []
-    total, converged_all = 0, True
+    total, scale, converged_all = 0, 0.0, True
     for _ in range(k):
-        v = torch.randn(op.dim, generator=gen, device=op.device, dtype=op.dtype)
-        lam = None
-        converged = False
+        v = _unit_orthogonal(n, vectors, gen, op)
+        lam, converged = 0.0, False
         for _ in range(max_iter):
+            Hv = op.matvec(v)
+            total += 1
+            scale = max(scale, float(Hv.norm()))
+            for u in vectors:  # deflate: the earlier eigenvectors' directions are removed
+                Hv = Hv - (u @ Hv) * u
+            lam = float(v @ Hv)
+            res = (Hv - lam * v).norm()
+            # a quarter of tol: the true residual also carries the earlier pairs' errors
+            if residual_ok(res[None], torch.tensor([lam], dtype=res.dtype), tol / 4, scale):
+                converged = True
+                break
+            norm = float(Hv.norm())
+            if norm <= BREAKDOWN_EPS * _eps(op.dtype) * scale:  # H v = 0: lambda = 0
+                lam, converged = 0.0, True
+                break
+            v = Hv / norm
             for u in vectors:
                 v = v - (u @ v) * u
             v = v / v.norm()
-            Hv = op.matvec(v)
-            for u in vectors:  # deflate: H - sum lambda_i u_i u_i^T, applied via projection
-                Hv = Hv - (u @ Hv) * u
-            total += 1
-            new = float(v @ Hv)
-            if lam is not None and abs(new - lam) <= tol * max(abs(new), 1e-30):
-                lam = new
-                converged = True
-                break
-            lam, v = new, Hv
-        v = v / v.norm()
         values.append(lam)
         vectors.append(v)
         converged_all &= converged
@@ -355,8 +458,9 @@ def power_iteration_top(op: HessianOperator, k: int, tol: float, max_iter: int, 
     vals = torch.tensor(values, dtype=op.dtype, device=op.device)
     order = torch.argsort(vals, descending=True)
     vals, vecs = vals[order], vecs[order]
-    res = (op.matmat(vecs) - vals[:, None] * vecs).norm(dim=1)
-    return Eigen(vals, vecs, res, total, converged_all)
+    res = _true_residuals(op, vals, vecs)
+    converged_all = converged_all and residual_ok(res, vals, tol, scale)
+    return Eigen(vals, vecs, res, total, converged_all, scale)
 
 
 # ------------------------------------------------------------------ Gauss-Newton pull-backs

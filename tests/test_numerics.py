@@ -151,3 +151,140 @@ def test_stable_kappa_equals_the_textbook_contraction():
     assert float(1 - near_one[0, 0]) == 0.0  # what the naive form sees
     assert float(softmax_complement(near_one)[0, 0]) == pytest.approx(
         math.exp(-40) + math.exp(-43), rel=1e-5)
+
+
+# ------------------------------------------------------------------------- eigensolvers
+
+
+class DenseOp:
+    """A symmetric matrix posing as a HessianOperator (the solvers' whole interface)."""
+
+    def __init__(self, H):
+        self.H, self.dim, self.dtype = H, H.shape[0], H.dtype
+        self.device, self.num_hvps = H.device, 0
+
+    def matvec(self, v):
+        self.num_hvps += 1
+        return self.H @ v
+
+    def matmat(self, V):
+        self.num_hvps += len(V)
+        return V @ self.H
+
+
+def _spectrum_matrix(eigenvalues, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return Q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ Q.T
+
+
+SPECTRA = {
+    "distinct": [3.0, 2.0, 1.5, 1.0, 0.7, 0.3, 0.1, 0.0, -0.2, -0.5],
+    "repeated": [5.0, 5.0, 5.0, 2.0, 2.0, 1.0, 0.5, 0.5, 0.5, 0.1],
+    "low_rank": [4.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    "zero": [0.0] * 10,
+}
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e-8, 1.0, 1e8, 1e20])
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+def test_lanczos_k_values_on_scaled_spectra(spectrum, scale):
+    from famviz.curvature import lanczos_top
+
+    H = _spectrum_matrix(SPECTRA[spectrum]) * scale
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    top = float(exact.abs().max())
+    for k in range(1, 11):
+        eig = lanczos_top(DenseOp(H), k, 1e-8, 200, seed=k)
+        assert eig.values.shape == (k,) and eig.vectors.shape == (k, 10), (k, eig.values)
+        assert torch.isfinite(eig.values).all()
+        assert torch.allclose(eig.values, exact[:k], rtol=0, atol=1e-9 * top), (k, eig.values)
+        assert eig.converged, k
+        assert (eig.residuals <= 1e-7 * max(top, 1e-300)).all() or top == 0
+        if top == 0:
+            assert (eig.values == 0).all() and (eig.residuals == 0).all()
+        assert torch.allclose(eig.vectors.norm(dim=1), torch.ones(k, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e20])
+@pytest.mark.parametrize("spectrum", ["distinct", "zero", "low_rank"])
+def test_power_iteration_on_scaled_spectra(spectrum, scale):
+    from famviz.curvature import power_iteration_top
+
+    H = _spectrum_matrix(SPECTRA[spectrum]) * scale
+    exact = torch.linalg.eigvalsh(H)
+    dominant = exact[exact.abs().argsort(descending=True)][:2].sort(descending=True).values
+    top = float(exact.abs().max())
+    eig = power_iteration_top(DenseOp(H), 2, 1e-7, 2000, seed=0)
+    assert torch.isfinite(eig.values).all() and eig.converged
+    assert torch.allclose(eig.values, dominant, rtol=0, atol=1e-6 * top)
+    if top == 0:
+        assert (eig.values == 0).all() and (eig.residuals == 0).all()
+
+
+def test_power_iteration_is_not_converged_when_max_iter_hits_a_large_residual():
+    """Top eigenvalues 1.0 and 0.99: after 10 products the Rayleigh quotient barely moves
+    (PyHessian's rule would stop), but the vector is far from an eigenvector."""
+    from famviz.curvature import power_iteration_top
+
+    H = _spectrum_matrix([1.0, 0.99, 0.5, 0.2, 0.1, 0.0])
+    eig = power_iteration_top(DenseOp(H), 1, 1e-4, 10, seed=0)
+    assert eig.converged is False
+    assert float(eig.residuals[0]) > 1e-3  # the true residual, reported
+    assert eig.iterations == 10
+    more = power_iteration_top(DenseOp(H), 1, 1e-4, 5000, seed=0)
+    assert more.converged and float(more.residuals[0]) <= 1e-4
+    assert float(more.values[0]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_lanczos_not_converged_when_max_iter_runs_out():
+    from famviz.curvature import lanczos_top
+
+    H = _spectrum_matrix(list(torch.linspace(1, 0, 60).tolist()))
+    eig = lanczos_top(DenseOp(H), 3, 1e-10, 4, seed=0)
+    assert eig.converged is False and eig.values.shape == (3,)
+    assert float(eig.residuals.max()) > 1e-10
+
+
+def _least_squares(loss_scale):
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(30, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    model = torch.nn.Linear(5, 2).double()
+
+    def loss(out, target):
+        return loss_scale * torch.nn.functional.mse_loss(out, target)
+
+    return model, (X, y), loss
+
+
+@pytest.mark.parametrize("loss_scale", [1e-20, 1.0, 1e20])
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_hessian_top_eigenvalue_on_a_scaled_loss(loss_scale, method):
+    from famviz.oracles import dense_hessian
+
+    model, data, loss = _least_squares(loss_scale)
+    H, _ = dense_hessian(model, data, loss)
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    k = 12 if method == "lanczos" else 2  # 12 = every parameter; rank 6 (repeated values)
+    r = fv.hessian_top_eigenvalue(model, data, loss, k=k, method=method, seed=0, tol=1e-8,
+                                  max_iter=2000)
+    assert len(r.eigenvalues) == k and r.converged
+    assert torch.allclose(torch.tensor(r.eigenvalues, dtype=torch.float64), exact[:k], rtol=0,
+                          atol=1e-7 * float(exact[0]))
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_hessian_top_eigenvalue_of_a_zero_hessian_is_zero(method):
+    model, (X, y), _ = _least_squares(1.0)
+    r = fv.hessian_top_eigenvalue(model, (X, y), lambda out, t: (out * t).sum(), k=3,
+                                  method=method, seed=0)
+    assert r.eigenvalues == (0.0, 0.0, 0.0) and r.converged
+    assert r.residuals == (0.0, 0.0, 0.0)
+
+
+def test_lanczos_refuses_max_iter_below_k():
+    model, data, loss = _least_squares(1.0)
+    with pytest.raises(ValueError, match="max_iter=2 is below k=3"):
+        fv.hessian_top_eigenvalue(model, data, loss, k=3, max_iter=2)
