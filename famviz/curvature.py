@@ -282,13 +282,14 @@ def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
-def residual_ok(residual: Tensor, values: Tensor, tol: float, scale: float) -> bool:
+def residual_ok(residual: Tensor, values: Tensor, tol: float, scale: float,
+                dtype: torch.dtype) -> bool:
     """The convergence test of both eigensolvers: every :math:`\\|Hv_i - \\lambda_i v_i\\|
     \\le \\mathrm{tol}\\cdot\\max(|\\lambda_i|, s)` with s the spectral scale (so eigenvalues
     far below the top are held to an accuracy relative to the top, and a zero Hessian passes),
-    or below the working precision (:data:`BREAKDOWN_EPS` machine epsilons times s) when
-    ``tol`` asks for more than the dtype can give."""
-    floor = BREAKDOWN_EPS * _eps(residual.dtype) * scale
+    or below the working precision (:data:`BREAKDOWN_EPS` machine epsilons of the operator's
+    ``dtype`` times s) when ``tol`` asks for more than the dtype can give."""
+    floor = BREAKDOWN_EPS * _eps(dtype) * scale
     bound = (tol * values.abs().clamp_min(scale)).clamp_min(floor)
     return bool((residual <= bound).all())
 
@@ -368,13 +369,13 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: in
         bounds = (beta * S[-1, :]).abs()
         checking = bool(done)  # a block after the first looks for missed values
         if not broke:
-            top_ok = residual_ok(bounds[:1], theta[:1], tol, scale)
+            top_ok = residual_ok(bounds[:1], theta[:1], tol, scale, op.dtype)
             if checking and top_ok and float(theta[0]) <= kth:
                 converged = True  # the complement holds nothing among the top k
                 break
             kk = min(k, len(alphas))
             have = sum(len(v) for v, _ in done) + len(alphas)
-            if not (have >= k and residual_ok(bounds[:kk], theta[:kk], tol, scale)):
+            if not (have >= k and residual_ok(bounds[:kk], theta[:kk], tol, scale, op.dtype)):
                 betas.append(beta)
                 Q.append(w / beta)
                 continue
@@ -405,7 +406,7 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: in
     vecs = vecs[order]
     vecs = vecs / vecs.norm(dim=1, keepdim=True)
     res = _true_residuals(op, vals, vecs)
-    converged = converged and residual_ok(res, vals, tol, scale)
+    converged = converged and residual_ok(res, vals, tol, scale, op.dtype)
     return Eigen(vals, vecs, res, iterations, converged, scale)
 
 
@@ -440,7 +441,8 @@ def power_iteration_top(op: HessianOperator, k: int, tol: float, max_iter: int, 
             lam = float(v @ Hv)
             res = (Hv - lam * v).norm()
             # a quarter of tol: the true residual also carries the earlier pairs' errors
-            if residual_ok(res[None], torch.tensor([lam], dtype=res.dtype), tol / 4, scale):
+            if residual_ok(res[None], torch.tensor([lam], dtype=res.dtype), tol / 4, scale,
+                           op.dtype):
                 converged = True
                 break
             norm = float(Hv.norm())
@@ -459,7 +461,7 @@ def power_iteration_top(op: HessianOperator, k: int, tol: float, max_iter: int, 
     order = torch.argsort(vals, descending=True)
     vals, vecs = vals[order], vecs[order]
     res = _true_residuals(op, vals, vecs)
-    converged_all = converged_all and residual_ok(res, vals, tol, scale)
+    converged_all = converged_all and residual_ok(res, vals, tol, scale, op.dtype)
     return Eigen(vals, vecs, res, total, converged_all, scale)
 
 

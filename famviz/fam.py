@@ -955,11 +955,12 @@ def train(
     integer): the batch order of every epoch, the dropout masks (the copy's ``nn.Dropout``,
     ``Dropout1d/2d/3d``, ``AlphaDropout`` and ``FeatureAlphaDropout`` modules draw from one;
     the returned model has the plain torch modules back) and κ when it is estimated. torch's
-    global RNG is neither read nor changed, so the same seed and settings give the same model
-    and history (up to ``time_per_step``) whatever else the process draws, also for runs in
-    parallel threads. A model that draws from the global RNG in training mode in another way
+    global RNG is never drawn from or reseeded, so the same seed and settings give the same
+    model and history (up to ``time_per_step``) whatever else the process draws, also for runs
+    in parallel threads. A model that draws from the global RNG in training mode in another way
     (``torch.nn.functional.dropout`` in a custom ``forward``) cannot be reproduced from
-    ``seed`` and is refused with a ``ValueError`` (one forward pass of the copy detects it).
+    ``seed``: one forward pass of the copy, with the global RNG state read before and after,
+    detects it, and the model is refused with a ``ValueError`` (the state restored).
     Callbacks run outside this: if they draw random numbers, they draw from the caller's
     generators.
 
@@ -1015,6 +1016,7 @@ def train(
     _check_normalize(normalize)
     epochs = _number("epochs", epochs, low=1, integer=True)
     batch_size = _number("batch_size", batch_size, low=1, integer=True)
+    seed = new_seed() if seed is None else check_seed("seed", seed)
     if isinstance(test_data, str):
         raise TypeError(f"test_data is the string {test_data!r}; pass the method by keyword: "
                         f"train(model, train_data, method={test_data!r})")
@@ -1036,7 +1038,6 @@ def train(
         X_test, y_test = _tensors(test_data, "test_data", dtype, device)
     else:
         X_test, y_test = X[:0], y[:0]
-    seed = new_seed() if seed is None else check_seed("seed", seed)
 
     net = copy.deepcopy(model)
     for p in net.parameters():

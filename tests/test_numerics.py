@@ -207,6 +207,22 @@ def test_lanczos_k_values_on_scaled_spectra(spectrum, scale):
         assert torch.allclose(eig.vectors.norm(dim=1), torch.ones(k, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("scale", [1e-15, 1.0, 1e15])
+@pytest.mark.parametrize("spectrum", ["distinct", "repeated", "zero"])
+def test_lanczos_in_float32(spectrum, scale):
+    """float32 operators: tolerances at float32 precision, same relative accuracy at every
+    scale (1e±15 keeps the squares inside float32's normal range)."""
+    from famviz.curvature import lanczos_top
+
+    H = _spectrum_matrix(SPECTRA[spectrum]) * scale
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    top = float(exact.abs().max())
+    for k in (1, 2, 4):
+        eig = lanczos_top(DenseOp(H.float()), k, 1e-4, 200, seed=k)
+        assert eig.values.shape == (k,) and eig.converged, (k, eig)
+        assert torch.allclose(eig.values.double(), exact[:k], rtol=0, atol=1e-5 * top), k
+
+
 @pytest.mark.parametrize("scale", [1e-20, 1.0, 1e20])
 @pytest.mark.parametrize("spectrum", ["distinct", "zero", "low_rank"])
 def test_power_iteration_on_scaled_spectra(spectrum, scale):
