@@ -87,7 +87,9 @@ class EigenResult:
     """The top-k Hessian eigenvalues (descending); ``float(result)`` is the largest.
 
     ``eigenvectors[i]`` is a name-keyed dict of unit-norm directions (jointly unit norm over all
-    selected parameters). ``residuals[i]`` is :math:`\\|Hv_i - \\lambda_i v_i\\|`.
+    selected parameters). ``residuals[i]`` is :math:`\\|Hv_i - \\lambda_i v_i\\|`, computed
+    with one more HVP per pair at the end; ``converged`` is True only when each is at most
+    ``tol`` times :math:`\\max(|\\lambda_i|, s)`, s the spectral scale.
     """
 
     eigenvalues: tuple[float, ...]
@@ -235,8 +237,10 @@ def hessian_top_eigenvalue(
 
     Methods:
         * ``"lanczos"`` (default): Lanczos with full reorthogonalization; the k largest
-          *algebraic* eigenvalues. A breakdown (zero or low-rank Hessian, repeated
-          eigenvalues) restarts in the orthogonal complement, so exactly k values come back.
+          *algebraic* eigenvalues. A breakdown (zero or low-rank Hessian) restarts in the
+          orthogonal complement, so exactly k values come back; for ``k >= 2`` a second run in
+          the complement of the first checks for missed copies of repeated eigenvalues (about
+          twice the HVPs of ``k = 1``).
         * ``"power"``: power iteration with deflation (at most ``max_iter`` HVPs per pair);
           finds the eigenvalues of largest *magnitude*, which are the top ones at a minimum
           where H is nearly positive semi-definite.
