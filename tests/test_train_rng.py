@@ -214,3 +214,13 @@ def test_seeded_dropout_has_torchs_semantics(cls):
     assert torch.equal(module.eval()(x), x)
     unseed_dropout(module)
     assert type(module) is cls and not hasattr(module, "generator")
+
+
+@pytest.mark.parametrize("cls, shape", [(nn.Dropout1d, (40, 7)), (nn.Dropout3d, (40, 2, 3, 4))])
+def test_seeded_channel_dropout_of_unbatched_inputs_drops_whole_channels(cls, shape):
+    module = cls(0.5).train()
+    seed_dropout(module, make_generator(0, "cpu"))
+    out = module(torch.ones(shape, dtype=torch.float64))
+    per_channel = out.flatten(1)  # channels first when there is no batch dimension
+    assert ((per_channel == 0).all(dim=1) | (per_channel == 2).all(dim=1)).all()
+    assert 0 < int((per_channel[:, 0] == 0).sum()) < 40
