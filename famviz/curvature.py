@@ -24,6 +24,7 @@ Two routes to second-order information:
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Iterator, Sequence
@@ -596,36 +597,40 @@ class Pullback:
     output: Tensor | None
     loss_name: str
 
+    @functools.cached_property
+    def probs(self) -> Tensor:
+        """Softmax of the model's output (cross-entropy on the output layer)."""
+        return torch.softmax(self.output, dim=1)
+
     def gram(self, w: Tensor) -> Tensor:
         r""":math:`\sum_n w_n G_n` (d×d) for weights ``w`` >= 0 (N_b,)."""
-        if self.delta is None:
-            if self.loss_name == "cross_entropy":  # G_n = diag(p_n) - p_n p_n^T: a Laplacian
-                return laplacian(softmax_coupling(torch.softmax(self.output, dim=1), w))
-            d = self.output.shape[1]  # mse: G_n = (2/d) I
-            return torch.eye(d, dtype=w.dtype, device=w.device) * (2.0 / d) * w.sum()
-        D = (self.delta * w.sqrt()[None, :, None]).reshape(-1, self.delta.shape[-1])
-        return D.T @ D
+        return self.gram_and_kappa(None, w)[0]
 
-    def kappa(self, W: Tensor, w: Tensor) -> Tensor:
-        r""":math:`\langle WW^\top, \sum_n w_n G_n\rangle` (a scalar) for weights ``w`` >= 0,
-        as a sum of non-negative terms: :math:`\tfrac12\sum_{s,s'} A_{ss'}\|w_s -
-        w_{s'}\|^2` for cross-entropy on the output (:func:`softmax_coupling`),
-        :math:`\sum_{c,n} w_n \|W^\top\delta_{cn}\|^2` through ``delta``. Equal to
-        ``(W @ W.T * gram(w)).sum()`` in exact arithmetic, but never negative and accurate to
-        the working precision also near zero cross-entropy."""
+    def gram_and_kappa(self, W: Tensor | None, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        r""":math:`\sum_n w_n G_n` (d×d) for weights ``w`` >= 0 (N_b,), and (when the layer's
+        weight W is given) :math:`\langle WW^\top, \sum_n w_n G_n\rangle`, as a sum of
+        non-negative terms: :math:`\tfrac12\sum_{s,s'} A_{ss'}\|w_s - w_{s'}\|^2` for
+        cross-entropy on the output, whose Gram matrix is the Laplacian of A
+        (:func:`softmax_coupling`); :math:`\sum_{c,n} w_n \|W^\top\delta_{cn}\|^2` through
+        ``delta``. In exact arithmetic that is ``(W @ W.T * gram).sum()``, but it is never
+        negative and stays accurate near zero cross-entropy, where the contraction cancels."""
         if self.delta is None:
-            if self.loss_name == "cross_entropy":
-                A = softmax_coupling(torch.softmax(self.output, dim=1), w)
-                return (A * row_distances(W)).sum() / 2
-            return (2.0 / self.output.shape[1]) * w.sum() * W.pow(2).sum()
-        return ((self.delta * w.sqrt()[None, :, None]) @ W).pow(2).sum()
+            if self.loss_name == "cross_entropy":  # G_n = diag(p_n) - p_n p_n^T
+                A = softmax_coupling(self.probs, w)
+                kappa = None if W is None else (A * row_distances(W)).sum() / 2
+                return laplacian(A), kappa
+            d = self.output.shape[1]  # mse: G_n = (2/d) I
+            s = (2.0 / d) * w.sum()
+            kappa = None if W is None else s * W.pow(2).sum()
+            return torch.eye(d, dtype=w.dtype, device=w.device) * s, kappa
+        D = (self.delta * w.sqrt()[None, :, None]).reshape(-1, self.delta.shape[-1])
+        return D.T @ D, None if W is None else (D @ W).pow(2).sum()
 
     def diag(self) -> Tensor:
         r""":math:`\mathrm{diag}(G_n)` for every sample, (N_b, d)."""
         if self.delta is None:
             if self.loss_name == "cross_entropy":  # p (1 - p), with 1 - p accurate near 1
-                p = torch.softmax(self.output, dim=1)
-                return p * softmax_complement(p)
+                return self.probs * softmax_complement(self.probs)
             return torch.full_like(self.output, 2.0 / self.output.shape[1])
         return self.delta.pow(2).sum(dim=0)
 

@@ -133,7 +133,7 @@ def test_hidden_layer_closed_forms_float32_agree_with_float64(scale):
 
 
 def test_stable_kappa_equals_the_textbook_contraction():
-    """Pullback.kappa (pairwise row distances) equals ⟨WWᵀ, T⟩ where nothing cancels."""
+    """Pullback.gram_and_kappa's κ (pairwise row distances) equals ⟨WWᵀ, T⟩ where nothing cancels."""
     from famviz.curvature import laplacian, row_distances, softmax_complement, softmax_coupling
 
     gen = torch.Generator().manual_seed(3)

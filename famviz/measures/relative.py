@@ -94,14 +94,14 @@ class RelativeFlatnessResult:
 def _closed_form(obj: Objective, layer: str, want_blocks: bool):
     """T (d×d), κ and, if wanted, the diagonal blocks H_ss (d×m×m) from the Gauss-Newton
     pull-back: :math:`T = \\frac1N\\sum_n \\|\\phi_n\\|^2 \\Delta_n\\Delta_n^\\top`. κ comes
-    from :meth:`Pullback.kappa` (a sum of non-negative terms, so float32 stays accurate and
+    from :meth:`Pullback.gram_and_kappa` (a sum of non-negative terms, so float32 stays accurate and
     non-negative near zero cross-entropy, where ⟨WWᵀ, T⟩ cancels)."""
     T = blocks = kappa = None
     W = obj.params[f"{layer}.weight"].detach()
     for batch in linear_pullback(obj, [layer]):
         pb = batch[layer]
         phi2 = pb.phi.pow(2).sum(dim=1)
-        t, k = pb.gram(phi2), pb.kappa(W, phi2)
+        t, k = pb.gram_and_kappa(W, phi2)
         T, kappa = (t, k) if T is None else (T + t, kappa + k)
         if want_blocks:
             b = torch.einsum("ns,nk,nl->skl", pb.diag(), pb.phi, pb.phi)
