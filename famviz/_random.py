@@ -30,6 +30,7 @@ __all__ = [
     "derive_seed",
     "make_generator",
     "SEEDED_DROPOUT",
+    "SeededDropout",
     "seed_dropout",
     "unseed_dropout",
     "global_rng_state",
@@ -153,6 +154,9 @@ SEEDED_DROPOUT: dict[type, type] = {
     nn.FeatureAlphaDropout: _seeded_class(nn.FeatureAlphaDropout, "feature", True),
 }
 _ORIGINAL = {seeded: base for base, seeded in SEEDED_DROPOUT.items()}
+#: the seeded ``nn.Dropout`` (``SeededDropout(p)`` then ``module.generator = gen`` by hand, or
+#: :func:`seed_dropout` on a whole model)
+SeededDropout = SEEDED_DROPOUT[nn.Dropout]
 
 
 def seed_dropout(model: nn.Module, generator: torch.Generator) -> list[str]:
