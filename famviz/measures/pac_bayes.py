@@ -227,10 +227,10 @@ def pac_bayes_flatness(
     if not found:  # the target was never exceeded: no finite sigma to report
         value, sig, se, sig_se, (inc, inc_se) = math.nan, math.nan, math.nan, math.nan, stats[lo]
         message = (
-            f"no finite sigma: noise with std up to {lo:.3g} raises the {criterion} by at most "
-            f"{inc:.3g} (target {target}; centre {centre:.4g}), so the measure is undefined "
-            "here; the criterion does not react to the noise (an error already at chance "
-            "level, or parameters that do not reach the output?)"
+            f"no finite sigma: noise with std up to {lo:.3g} never raised the {criterion} by "
+            f"more than the target {target} (at that std: {inc:+.3g}; centre {centre:.4g}), so "
+            "the measure is undefined here; the criterion does not react to the noise (an "
+            "error already at chance level, or parameters that do not reach the output?)"
         )
         warnings.warn(f"pac_bayes_flatness: {message}", RuntimeWarning, stacklevel=2)
     else:
