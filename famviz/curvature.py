@@ -24,6 +24,7 @@ Two routes to second-order information:
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,10 @@ __all__ = [
     "linear_pullback",
     "Pullback",
     "loss_hessian_factor",
+    "softmax_complement",
+    "softmax_coupling",
+    "laplacian",
+    "row_distances",
     "piecewise_linear_after",
     "piecewise_linear_stack",
     "new_seed",
@@ -277,31 +282,94 @@ def hutchpp_trace(op: HessianOperator, hvps: int, seed: int) -> Estimate:
 class Eigen:
     values: Tensor  # (k,), descending
     vectors: Tensor  # (k, dim), unit norm
-    residuals: Tensor  # (k,), ||H v - lambda v||
+    residuals: Tensor  # (k,), ||H v - lambda v||, from k final HVPs
     iterations: int
     converged: bool
+    scale: float  # the spectral scale the tolerances are relative to (a lower bound of ||H||_2)
+
+
+#: a Lanczos vector whose norm after reorthogonalization is below this many machine epsilons
+#: times the spectral scale spans nothing new: the Krylov space is invariant (breakdown)
+BREAKDOWN_EPS = 100
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def residual_ok(residual: Tensor, values: Tensor, tol: float, scale: float,
+                dtype: torch.dtype) -> bool:
+    """The convergence test of both eigensolvers: every :math:`\\|Hv_i - \\lambda_i v_i\\|
+    \\le \\mathrm{tol}\\cdot\\max(|\\lambda_i|, s)` with s the spectral scale (so eigenvalues
+    far below the top are held to an accuracy relative to the top, and a zero Hessian passes),
+    or below the working precision (:data:`BREAKDOWN_EPS` machine epsilons of the operator's
+    ``dtype`` times s) when ``tol`` asks for more than the dtype can give."""
+    floor = BREAKDOWN_EPS * _eps(dtype) * scale
+    bound = (tol * values.abs().clamp_min(scale)).clamp_min(floor)
+    return bool((residual <= bound).all())
+
+
+def _true_residuals(op: HessianOperator, vals: Tensor, vecs: Tensor) -> Tensor:
+    return (op.matmat(vecs) - vals[:, None] * vecs).norm(dim=1)
+
+
+def _unit_orthogonal(n: int, Q: list[Tensor], gen: torch.Generator, op) -> Tensor | None:
+    """A random unit vector orthogonal to the rows of Q (None if Q spans everything)."""
+    q = torch.randn(n, generator=gen, device=op.device, dtype=op.dtype)
+    q = q / q.norm()
+    if Q:
+        Qm = torch.stack(Q)
+        for _ in range(2):
+            q = q - Qm.T @ (Qm @ q)
+    norm = float(q.norm())
+    if norm <= BREAKDOWN_EPS * _eps(op.dtype):
+        return None
+    return q / norm
 
 
 def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int) -> Eigen:
     """The ``k`` largest (algebraic) eigenpairs by Lanczos with full reorthogonalization.
 
-    Stops when every wanted Ritz pair has residual :math:`|\\beta_j s_{j,i}| \\le
-    \\mathrm{tol}\\cdot|\\theta_i|` — a bound on :math:`\\|Hv - \\theta v\\|`, which bounds the
-    eigenvalue error by the same relative amount.
+    All tolerances are relative to the spectral scale s, the largest :math:`\\|Hq_j\\|` seen
+    (a lower bound of :math:`\\|H\\|_2`), so a Hessian scaled by 1e-20 or 1e+20 takes the same
+    iterations and gives the same relative accuracy. A Ritz pair is converged when its residual
+    bound :math:`|\\beta_j s_{j,i}| \\le \\mathrm{tol}\\cdot\\max(|\\theta_i|, s)`
+    (:func:`residual_ok`); the eigenvalue error is then at most that residual.
+
+    One Krylov space holds one copy of a repeated eigenvalue, and it becomes invariant (a
+    breakdown) when the Hessian is zero or of low rank. So a run ends with a *block*: when its
+    top k Ritz pairs have converged or it broke down. For ``k >= 2`` another block then starts
+    from a random vector orthogonal to every Lanczos vector so far (where the missed copies
+    live) and runs until its top Ritz pair has converged: if that lies below the k-th value
+    found, nothing was missed; otherwise its values join and it runs on as a full block,
+    followed by another check. Exactly ``k`` values come back. The check costs a second run for
+    ``k >= 2``; for ``k = 1`` multiplicity does not matter and there is none.
+
+    ``converged`` is decided at the end from the true residuals :math:`\\|Hv - \\theta v\\|`
+    (k more HVPs), not from the Lanczos bound, and is False when ``max_iter`` (all blocks
+    together) ran out before the check.
     """
     n = op.dim
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the number of parameters ({n}), got {k}")
     max_iter = min(max_iter, n)
+    if max_iter < k:
+        raise ValueError(f"max_iter={max_iter} is below k={k}: Lanczos needs at least k "
+                         "iterations for k eigenvalues; raise max_iter")
     gen = generator(seed, op.device)
-    q = torch.randn(n, generator=gen, device=op.device, dtype=op.dtype)
-    Q = [q / q.norm()]
-    alphas: list[float] = []
-    betas: list[float] = []
-    converged = False
+    Q: list[Tensor] = [_unit_orthogonal(n, [], gen, op)]
+    done: list[tuple[Tensor, Tensor]] = []  # finished blocks: (Ritz values, Ritz vectors)
+    start, alphas, betas = 0, [], []  # the current block: Q[start:], its tridiagonal T
+    scale, converged, iterations = 0.0, False, 0
     theta = S = None
-    for j in range(max_iter):
-        w = op.matvec(Q[j])
-        alpha = float(w @ Q[j])
-        alphas.append(alpha)
+    kth = -math.inf  # the k-th largest value of the finished blocks
+
+    for _ in range(max_iter):
+        iterations += 1
+        q = Q[-1]
+        w = op.matvec(q)
+        scale = max(scale, float(w.norm()))
+        alphas.append(float(w @ q))
         Qm = torch.stack(Q)
         for _ in range(2):  # twice is enough (Kahan-Parlett)
             w = w - Qm.T @ (Qm @ w)
@@ -312,52 +380,94 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: in
             T += torch.diag(off, 1) + torch.diag(off, -1)
         theta, S = torch.linalg.eigh(T)
         theta, S = theta.flip(0), S.flip(1)
-        kk = min(k, j + 1)
-        bounds = (beta * S[-1, :kk]).abs()
-        if j + 1 >= k and bool((bounds <= tol * theta[:kk].abs().clamp_min(1e-30)).all()):
+        broke = beta <= BREAKDOWN_EPS * _eps(op.dtype) * scale
+        bounds = (beta * S[-1, :]).abs()
+        checking = bool(done)  # a block after the first looks for missed values
+        if not broke:
+            top_ok = residual_ok(bounds[:1], theta[:1], tol, scale, op.dtype)
+            if checking and top_ok and float(theta[0]) <= kth:
+                converged = True  # the complement holds nothing among the top k
+                break
+            kk = min(k, len(alphas))
+            have = sum(len(v) for v, _ in done) + len(alphas)
+            if not (have >= k and residual_ok(bounds[:kk], theta[:kk], tol, scale, op.dtype)):
+                betas.append(beta)
+                Q.append(w / beta)
+                continue
+        # the block is finished: its converged (or, after a breakdown, exact) pairs are kept
+        new_top = float(theta[0]) > kth
+        done.append((theta, S.to(op.dtype).T @ torch.stack(Q[start:])))
+        alphas, betas = [], []
+        vals = torch.cat([v for v, _ in done])
+        if len(vals) >= k:
+            kth = float(vals.sort(descending=True).values[k - 1])
+        if (k == 1 and not checking) or (checking and not new_top):
             converged = True
             break
-        if beta < 1e-12 * max(1.0, abs(alpha)):  # invariant subspace found: exact
-            converged = j + 1 >= k
+        q = _unit_orthogonal(n, Q, gen, op) if len(Q) < n else None
+        if q is None:
+            converged = True  # every direction is spanned: all n eigenvalues are exact
             break
-        betas.append(beta)
-        Q.append(w / beta)
-    kk = min(k, len(alphas))
-    Qm = torch.stack(Q[: len(alphas)])
-    vecs = (S[:, :kk].to(op.dtype).T @ Qm)
+        start = len(Q)
+        Q.append(q)
+    if alphas:  # the unfinished block
+        done.append((theta, S.to(op.dtype).T @ torch.stack(Q[start:start + len(alphas)])))
+    vals = torch.cat([v for v, _ in done])
+    vecs = torch.cat([v for _, v in done])
+    if len(vals) < k:  # pragma: no cover - max_iter >= k gives k Ritz values
+        raise RuntimeError(f"Lanczos produced {len(vals)} Ritz values for k={k}")
+    order = torch.argsort(vals, descending=True)[:k]
+    vals = vals[order].to(op.dtype)
+    vecs = vecs[order]
     vecs = vecs / vecs.norm(dim=1, keepdim=True)
-    res = (beta * S[-1, :kk]).abs().to(op.dtype)  # ||H v - theta v|| = |beta s_last|: no HVP
-    return Eigen(theta[:kk].to(op.dtype), vecs, res, len(alphas), converged)
+    res = _true_residuals(op, vals, vecs)
+    converged = converged and residual_ok(res, vals, tol, scale, op.dtype)
+    return Eigen(vals, vecs, res, iterations, converged, scale)
 
 
 def power_iteration_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int) -> Eigen:
     """The ``k`` dominant eigenpairs (largest magnitude) by power iteration with deflation.
 
-    Each pair iterates until the Rayleigh quotient changes by less than ``tol`` relative, as
-    PyHessian does; later pairs are kept orthogonal to the earlier ones.
+    Each pair iterates (at most ``max_iter`` HVPs) until its residual
+    :math:`\\|Hv - \\lambda v\\| \\le \\mathrm{tol}\\cdot\\max(|\\lambda|, s)`, s the spectral
+    scale (the largest :math:`\\|Hv\\|` seen; :func:`residual_ok`). This is stricter than
+    PyHessian's rule (the Rayleigh quotient changing by less than ``tol``), which stops long
+    before the eigenvector is found when the top two eigenvalues are close. Later pairs are
+    kept orthogonal to the earlier ones. A direction the (deflated) Hessian maps to zero is an
+    eigenvector with eigenvalue 0: a zero Hessian gives zeros, not NaN.
+
+    ``converged`` is decided at the end from the true residuals of all k pairs.
     """
+    n = op.dim
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the number of parameters ({n}), got {k}")
     gen = generator(seed, op.device)
     values, vectors = [], []
-    total, converged_all = 0, True
+    total, scale, converged_all = 0, 0.0, True
     for _ in range(k):
-        v = torch.randn(op.dim, generator=gen, device=op.device, dtype=op.dtype)
-        lam = None
-        converged = False
+        v = _unit_orthogonal(n, vectors, gen, op)
+        lam, converged = 0.0, False
         for _ in range(max_iter):
+            Hv = op.matvec(v)
+            total += 1
+            scale = max(scale, float(Hv.norm()))
+            for u in vectors:  # deflate: the earlier eigenvectors' directions are removed
+                Hv = Hv - (u @ Hv) * u
+            lam = float(v @ Hv)
+            res = (Hv - lam * v).norm()
+            # a quarter of tol: the true residual also carries the earlier pairs' errors
+            if residual_ok(res[None], torch.tensor([lam], dtype=res.dtype), tol / 4, scale,
+                           op.dtype):
+                converged = True
+                break
+            norm = float(Hv.norm())
+            if norm <= BREAKDOWN_EPS * _eps(op.dtype) * scale:  # H v = 0: lambda = 0
+                lam, converged = 0.0, True
+                break
+            v = Hv / norm
             for u in vectors:
                 v = v - (u @ v) * u
             v = v / v.norm()
-            Hv = op.matvec(v)
-            for u in vectors:  # deflate: H - sum lambda_i u_i u_i^T, applied via projection
-                Hv = Hv - (u @ Hv) * u
-            total += 1
-            new = float(v @ Hv)
-            if lam is not None and abs(new - lam) <= tol * max(abs(new), 1e-30):
-                lam = new
-                converged = True
-                break
-            lam, v = new, Hv
-        v = v / v.norm()
         values.append(lam)
         vectors.append(v)
         converged_all &= converged
@@ -365,11 +475,53 @@ def power_iteration_top(op: HessianOperator, k: int, tol: float, max_iter: int, 
     vals = torch.tensor(values, dtype=op.dtype, device=op.device)
     order = torch.argsort(vals, descending=True)
     vals, vecs = vals[order], vecs[order]
-    res = (op.matmat(vecs) - vals[:, None] * vecs).norm(dim=1)
-    return Eigen(vals, vecs, res, total, converged_all)
+    res = _true_residuals(op, vals, vecs)
+    converged_all = converged_all and residual_ok(res, vals, tol, scale, op.dtype)
+    return Eigen(vals, vecs, res, total, converged_all, scale)
 
 
 # ------------------------------------------------------------------ Gauss-Newton pull-backs
+
+
+def softmax_complement(p: Tensor) -> Tensor:
+    """:math:`1 - p` for softmax rows ``p`` (N, d), accurate where :math:`p_i \\approx 1`.
+
+    ``1 - p_i`` in floating point loses every digit below the rounding of :math:`p_i` (in
+    float32 a :math:`1 - p_i` of 1e-9 becomes 0); the row's largest entry therefore gets the
+    sum of the other entries instead (positive terms, no cancellation). The other entries are
+    at most 1/2, where ``1 - p_i`` is exact to rounding.
+    """
+    top = p.argmax(dim=1, keepdim=True)
+    rest = p.scatter(1, top, 0.0).sum(dim=1, keepdim=True)
+    return (1 - p).scatter(1, top, rest)
+
+
+def softmax_coupling(p: Tensor, w: Tensor) -> Tensor:
+    r""":math:`A = \sum_n w_n p_n p_n^\top` with its diagonal set to zero (d×d, entries
+    >= 0), for softmax rows ``p`` (N, d) and weights ``w`` >= 0 (N,).
+
+    Since :math:`\sum_{j} p_{nj} = 1`, :math:`\sum_n w_n(\mathrm{diag}(p_n) - p_np_n^\top)`
+    is the graph Laplacian :math:`\mathrm{diag}(A\mathbf 1) - A` of A, and for any matrix W
+    with rows :math:`w_s`, :math:`\langle WW^\top, \mathrm{diag}(A\mathbf 1) - A\rangle
+    = \tfrac12 \sum_{s,s'} A_{ss'}\|w_s - w_{s'}\|^2`. Both forms are sums of non-negative
+    terms: no cancellation when ``p`` is nearly one-hot (near-zero cross-entropy), where
+    :math:`\sum_s p_s\|w_s\|^2 - \|\sum_s p_s w_s\|^2` subtracts two nearly equal numbers
+    (and can come out negative in float32).
+    """
+    A = (p * w[:, None]).T @ p
+    return A * (1 - torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
+
+
+def laplacian(A: Tensor) -> Tensor:
+    r""":math:`\mathrm{diag}(A\mathbf 1) - A` (see :func:`softmax_coupling`)."""
+    return torch.diag(A.sum(dim=1)) - A
+
+
+def row_distances(W: Tensor) -> Tensor:
+    r""":math:`E_{ss'} = \|w_s - w_{s'}\|^2` for the rows of W (d×m), from the differences
+    themselves (not from :math:`\|w_s\|^2 + \|w_{s'}\|^2 - 2\langle w_s, w_{s'}\rangle`,
+    which cancels for nearby rows)."""
+    return torch.cdist(W[None], W[None], compute_mode="donot_use_mm_for_euclid_dist")[0].pow(2)
 
 
 def loss_hessian_factor(loss_name: str, output: Tensor) -> Tensor:
@@ -377,7 +529,8 @@ def loss_hessian_factor(loss_name: str, output: Tensor) -> Tensor:
     :math:`\\partial^2 \\ell_n / \\partial o_n^2 = \\sum_c S_{c,n} S_{c,n}^\\top`.
 
     * cross-entropy (softmax): :math:`\\mathrm{diag}(p) - pp^\\top`, factor column
-      :math:`c`: :math:`\\sqrt{p_c}\\,(e_c - p)`; labels do not enter.
+      :math:`c`: :math:`\\sqrt{p_c}\\,(e_c - p)`; labels do not enter. Its entry
+      :math:`1 - p_c` comes from :func:`softmax_complement` (accurate near a one-hot p).
     * MSE (mean over the d outputs of a sample): :math:`(2/d)\\,I`, columns
       :math:`\\sqrt{2/d}\\,e_c`.
     """
@@ -386,7 +539,10 @@ def loss_hessian_factor(loss_name: str, output: Tensor) -> Tensor:
         p = torch.softmax(output, dim=1)
         eye = torch.eye(d, dtype=output.dtype, device=output.device)
         # S[c, n, :] = sqrt(p[n, c]) * (e_c - p[n])
-        return p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None, :, :])
+        S = p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None, :, :])
+        c = torch.arange(d, device=output.device)
+        S[c, :, c] = (p.sqrt() * softmax_complement(p)).T
+        return S
     if loss_name == "mse":
         eye = torch.eye(d, dtype=output.dtype, device=output.device) * math.sqrt(2.0 / d)
         return eye[:, None, :].expand(d, N, d)
@@ -458,23 +614,40 @@ class Pullback:
     output: Tensor | None
     loss_name: str
 
+    @functools.cached_property
+    def probs(self) -> Tensor:
+        """Softmax of the model's output (cross-entropy on the output layer)."""
+        return torch.softmax(self.output, dim=1)
+
     def gram(self, w: Tensor) -> Tensor:
         r""":math:`\sum_n w_n G_n` (d×d) for weights ``w`` >= 0 (N_b,)."""
+        return self.gram_and_kappa(None, w)[0]
+
+    def gram_and_kappa(self, W: Tensor | None, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        r""":math:`\sum_n w_n G_n` (d×d) for weights ``w`` >= 0 (N_b,), and (when the layer's
+        weight W is given) :math:`\langle WW^\top, \sum_n w_n G_n\rangle`, as a sum of
+        non-negative terms: :math:`\tfrac12\sum_{s,s'} A_{ss'}\|w_s - w_{s'}\|^2` for
+        cross-entropy on the output, whose Gram matrix is the Laplacian of A
+        (:func:`softmax_coupling`); :math:`\sum_{c,n} w_n \|W^\top\delta_{cn}\|^2` through
+        ``delta``. In exact arithmetic that is ``(W @ W.T * gram).sum()``, but it is never
+        negative and stays accurate near zero cross-entropy, where the contraction cancels."""
         if self.delta is None:
             if self.loss_name == "cross_entropy":  # G_n = diag(p_n) - p_n p_n^T
-                p = torch.softmax(self.output, dim=1)
-                return torch.diag(w @ p) - (p * w[:, None]).T @ p
+                A = softmax_coupling(self.probs, w)
+                kappa = None if W is None else (A * row_distances(W)).sum() / 2
+                return laplacian(A), kappa
             d = self.output.shape[1]  # mse: G_n = (2/d) I
-            return torch.eye(d, dtype=w.dtype, device=w.device) * (2.0 / d) * w.sum()
+            s = (2.0 / d) * w.sum()
+            kappa = None if W is None else s * W.pow(2).sum()
+            return torch.eye(d, dtype=w.dtype, device=w.device) * s, kappa
         D = (self.delta * w.sqrt()[None, :, None]).reshape(-1, self.delta.shape[-1])
-        return D.T @ D
+        return D.T @ D, None if W is None else (D @ W).pow(2).sum()
 
     def diag(self) -> Tensor:
         r""":math:`\mathrm{diag}(G_n)` for every sample, (N_b, d)."""
         if self.delta is None:
-            if self.loss_name == "cross_entropy":
-                p = torch.softmax(self.output, dim=1)
-                return p - p * p
+            if self.loss_name == "cross_entropy":  # p (1 - p), with 1 - p accurate near 1
+                return self.probs * softmax_complement(self.probs)
             return torch.full_like(self.output, 2.0 / self.output.shape[1])
         return self.delta.pow(2).sum(dim=0)
 

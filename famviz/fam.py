@@ -61,6 +61,14 @@ from dataclasses import replace as _replace
 import torch
 from torch import Tensor, nn
 
+from ._random import (
+    check_seed,
+    derive_seed,
+    global_rng_state,
+    make_generator,
+    seed_dropout,
+    unseed_dropout,
+)
 from .curvature import new_seed, piecewise_linear_after
 from .measures.relative import NORMALIZATIONS  # None: the paper's κ; "m": κ / inputs
 from .batches import OutputError, concat, describe, logits_of
@@ -887,17 +895,43 @@ def _tensors(data, what: str, dtype, device) -> tuple[Tensor, Tensor]:
         raise ValueError(f"the batches of {what} have inconsistent shapes: {exc}") from exc
 
 
-@contextlib.contextmanager
-def _private_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's global RNG (dropout draws from it) inside, restore the caller's state on
-    exit: the caller's random stream is never consumed."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.random.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
+def _private_randomness(net: nn.Module, X: Tensor, seed: int,
+                        device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """The private generators of a training run — batch order (CPU, seeded with ``seed``
+    itself) and dropout (on the model's device) — with ``net``'s dropout modules switched to
+    the latter. Then one forward pass of ``net`` in training mode checks that nothing else
+    draws from torch's global RNG (``F.dropout`` in a custom ``forward``, a dropout subclass
+    with its own ``forward``, ``torch.rand`` in a layer...): such a model is refused, with the
+    caller's global state restored, because its run could not be reproduced from ``seed``."""
+    shuffle = make_generator(seed, "cpu")
+    dropout = make_generator(derive_seed(seed, "dropout"), device)
+    seed_dropout(net, dropout)
+    before, start = global_rng_state(device), dropout.get_state()
+    modes = [m.training for m in net.modules()]
+    try:
+        with torch.no_grad(), frozen_running_stats(net):
+            net.train()
+            net(X[:2])
+    finally:
+        for m, mode in zip(net.modules(), modes):
+            m.training = mode
+        dropout.set_state(start)  # the probe's draws do not count
+        after = global_rng_state(device)
+        drew = any(not torch.equal(a, b) for a, b in zip(before, after))
+        if drew:
+            torch.set_rng_state(before[0])
+            if len(before) > 1:
+                torch.cuda.set_rng_state(before[1], device)
+    if drew:
+        raise ValueError(
+            "the model draws from torch's global random number generator in training mode "
+            "(e.g. torch.nn.functional.dropout in a custom forward, or a dropout subclass with "
+            "its own forward): train() draws only from private generators seeded by `seed`, "
+            "so such a run could not be reproduced. Use nn.Dropout / Dropout1d/2d/3d / "
+            "AlphaDropout modules (train() seeds those) instead. Your global RNG state was "
+            "restored."
+        )
+    return shuffle, dropout
 
 
 def train(
@@ -935,10 +969,21 @@ def train(
       with radius ``rho`` (and ``eta`` for ASAM).
 
     The input model is never modified (a deep copy is trained; its train/eval modes are restored
-    at the end). The data are shuffled every epoch with a ``torch.Generator`` seeded by
-    ``seed``; dropout draws from torch's global RNG, seeded from ``seed`` inside
-    ``torch.random.fork_rng`` so the caller's random state is neither used nor changed. The same
-    seed and settings therefore give the same model and history (up to ``time_per_step``).
+    at the end).
+
+    Randomness: the initialization is the caller's (the model as passed). Everything random in
+    training comes from private ``torch.Generator`` objects seeded from ``seed`` (an exact
+    integer): the batch order of every epoch, the dropout masks (the copy's ``nn.Dropout``,
+    ``Dropout1d/2d/3d``, ``AlphaDropout`` and ``FeatureAlphaDropout`` modules draw from one;
+    the returned model has the plain torch modules back) and κ when it is estimated. torch's
+    global RNG is never drawn from or reseeded, so the same seed and settings give the same
+    model and history (up to ``time_per_step``) whatever else the process draws, also for runs
+    in parallel threads. A model that draws from the global RNG in training mode in another way
+    (``torch.nn.functional.dropout`` in a custom ``forward``) cannot be reproduced from
+    ``seed``: one forward pass of the copy, with the global RNG state read before and after,
+    detects it, and the model is refused with a ``ValueError`` (the state restored).
+    Callbacks run outside this: if they draw random numbers, they draw from the caller's
+    generators.
 
     Args:
         model: the network (not modified).
@@ -959,7 +1004,9 @@ def train(
         normalize: FAM penalty κ (``None``) or κ/m (``"m"``).
         gradient: FAM penalty gradient, ``"exact"`` or ``"frozen"`` (see :func:`penalty`).
         eta: ASAM's η.
-        seed: seed of the shuffling and of dropout; ``None`` draws one (recorded in the history).
+        seed: an integer in ``[0, 2**64)`` for the batch order and dropout (a float, bool or
+            negative number is refused); ``None`` draws one from the OS (recorded in
+            ``history.seed``, which reproduces the run).
         callbacks: functions ``callback(epoch, model, history)`` called after every epoch with
             the model being trained (do not modify it) and the history so far. Returning
             ``True`` or raising :class:`StopTraining` ends training after that epoch
@@ -990,6 +1037,7 @@ def train(
     _check_normalize(normalize)
     epochs = _number("epochs", epochs, low=1, integer=True)
     batch_size = _number("batch_size", batch_size, low=1, integer=True)
+    seed = new_seed() if seed is None else check_seed("seed", seed)
     if isinstance(test_data, str):
         raise TypeError(f"test_data is the string {test_data!r}; pass the method by keyword: "
                         f"train(model, train_data, method={test_data!r})")
@@ -1011,7 +1059,6 @@ def train(
         X_test, y_test = _tensors(test_data, "test_data", dtype, device)
     else:
         X_test, y_test = X[:0], y[:0]
-    seed = new_seed() if seed is None else _number("seed", seed, low=0, integer=True)
 
     net = copy.deepcopy(model)
     for p in net.parameters():
@@ -1044,59 +1091,60 @@ def train(
 
     from tqdm.auto import tqdm  # noqa: PLC0415 (kept out of the core's import time)
 
-    shuffle = torch.Generator().manual_seed(seed)
+    shuffle, _ = _private_randomness(net, X, seed, device)
     bar = tqdm(range(1, epochs + 1), desc=f"{method}", disable=not progress, leave=False)
     try:
-        with _private_global_rng(seed + 1, device):
-            for epoch in bar:
-                net.train()
-                order = torch.randperm(len(X), generator=shuffle).to(device)
-                seconds, losses, pens, fwd, bwd, steps = 0.0, [], [], 0, 0, 0
-                for start in range(0, len(X), batch_size):
-                    idx = order[start:start + batch_size]
-                    t0 = time.perf_counter()
-                    info = step(X[idx], y[idx])
-                    seconds += time.perf_counter() - t0
-                    if not math.isfinite(info.loss) or (is_fam and not math.isfinite(info.penalty)):
-                        raise FloatingPointError(
-                            f"{method}: the loss became {info.loss} (penalty {info.penalty}) in "
-                            f"epoch {epoch}; lower lr{' or lam' if is_fam else ''}")
-                    losses.append(info.loss)
-                    pens.append(info.penalty)
-                    fwd += info.forward_passes
-                    bwd += info.backward_passes
-                    steps += 1
-                for m, mode in zip(net.modules(), modes):
-                    m.training = mode
-                tr_loss, tr_acc = _evaluate(net, X, y, loss_fn)
-                te_loss, te_acc = _evaluate(net, X_test, y_test, loss_fn)
-                kappa = float("nan")
-                if track_kappa:
-                    from .measures.relative import relative_flatness  # noqa: PLC0415
+        for epoch in bar:
+            net.train()
+            order = torch.randperm(len(X), generator=shuffle).to(device)
+            seconds, losses, pens, fwd, bwd, steps = 0.0, [], [], 0, 0, 0
+            for start in range(0, len(X), batch_size):
+                idx = order[start:start + batch_size]
+                t0 = time.perf_counter()
+                info = step(X[idx], y[idx])
+                seconds += time.perf_counter() - t0
+                if not math.isfinite(info.loss) or (is_fam and not math.isfinite(info.penalty)):
+                    raise FloatingPointError(
+                        f"{method}: the loss became {info.loss} (penalty {info.penalty}) in "
+                        f"epoch {epoch}; lower lr{' or lam' if is_fam else ''}")
+                losses.append(info.loss)
+                pens.append(info.penalty)
+                fwd += info.forward_passes
+                bwd += info.backward_passes
+                steps += 1
+            for m, mode in zip(net.modules(), modes):
+                m.training = mode
+            tr_loss, tr_acc = _evaluate(net, X, y, loss_fn)
+            te_loss, te_acc = _evaluate(net, X_test, y_test, loss_fn)
+            kappa = float("nan")
+            if track_kappa:
+                from .measures.relative import relative_flatness  # noqa: PLC0415
 
-                    kappa = relative_flatness(net, (X, y), layer_name, loss).value
-                if is_fam and history.penalty_path is None:
-                    history = _replace(history, penalty_path=step.path)
-                history = history._append(
-                    epoch=epoch, train_loss=tr_loss, train_accuracy=tr_acc, test_loss=te_loss,
-                    test_accuracy=te_acc, kappa=kappa, batch_loss=sum(losses) / len(losses),
-                    penalty=sum(pens) / len(pens), time_per_step=seconds / steps,
-                    forward_passes=fwd, backward_passes=bwd, steps=steps,
-                )
-                bar.set_postfix(loss=f"{tr_loss:.4f}", acc=f"{tr_acc:.3f}",
-                                kappa=f"{kappa:.4g}", refresh=False)
-                stop = False
-                for cb in callbacks:
-                    try:
-                        stop = bool(cb(epoch, net, history)) or stop
-                    except StopTraining:
-                        stop = True
-                if stop:
-                    if epoch < epochs:
-                        history = _replace(history, stopped_early=True)
-                    break
+                kappa = relative_flatness(net, (X, y), layer_name, loss,
+                                          seed=derive_seed(seed, "kappa")).value
+            if is_fam and history.penalty_path is None:
+                history = _replace(history, penalty_path=step.path)
+            history = history._append(
+                epoch=epoch, train_loss=tr_loss, train_accuracy=tr_acc, test_loss=te_loss,
+                test_accuracy=te_acc, kappa=kappa, batch_loss=sum(losses) / len(losses),
+                penalty=sum(pens) / len(pens), time_per_step=seconds / steps,
+                forward_passes=fwd, backward_passes=bwd, steps=steps,
+            )
+            bar.set_postfix(loss=f"{tr_loss:.4f}", acc=f"{tr_acc:.3f}",
+                            kappa=f"{kappa:.4g}", refresh=False)
+            stop = False
+            for cb in callbacks:
+                try:
+                    stop = bool(cb(epoch, net, history)) or stop
+                except StopTraining:
+                    stop = True
+            if stop:
+                if epoch < epochs:
+                    history = _replace(history, stopped_early=True)
+                break
     finally:
         bar.close()
+        unseed_dropout(net)
         for m, mode in zip(net.modules(), modes):
             m.training = mode
         for p in net.parameters():

@@ -95,7 +95,9 @@ class EigenResult:
     """The top-k Hessian eigenvalues (descending); ``float(result)`` is the largest.
 
     ``eigenvectors[i]`` is a name-keyed dict of unit-norm directions (jointly unit norm over all
-    selected parameters). ``residuals[i]`` is :math:`\\|Hv_i - \\lambda_i v_i\\|`.
+    selected parameters). ``residuals[i]`` is :math:`\\|Hv_i - \\lambda_i v_i\\|`, computed
+    with one more HVP per pair at the end; ``converged`` is True only when each is at most
+    ``tol`` times :math:`\\max(|\\lambda_i|, s)`, s the spectral scale.
     """
 
     eigenvalues: tuple[float, ...]
@@ -245,14 +247,21 @@ def hessian_top_eigenvalue(
 
     Methods:
         * ``"lanczos"`` (default): Lanczos with full reorthogonalization; the k largest
-          *algebraic* eigenvalues, stopped when each Ritz residual is at most ``tol`` times its
-          eigenvalue (so the relative error is below ``tol``).
-        * ``"power"``: power iteration with deflation, stopped when the Rayleigh quotient
-          changes by less than ``tol`` (PyHessian's rule); finds the eigenvalues of largest
-          *magnitude*, which are the top ones at a minimum where H is nearly positive
-          semi-definite.
+          *algebraic* eigenvalues. A breakdown (zero or low-rank Hessian) restarts in the
+          orthogonal complement, so exactly k values come back; for ``k >= 2`` a second run in
+          the complement of the first checks for missed copies of repeated eigenvalues (about
+          twice the HVPs of ``k = 1``).
+        * ``"power"``: power iteration with deflation (at most ``max_iter`` HVPs per pair);
+          finds the eigenvalues of largest *magnitude*, which are the top ones at a minimum
+          where H is nearly positive semi-definite.
 
-    ``result.converged`` is False when ``max_iter`` ran out first.
+    Both stop when every pair's residual :math:`\\|Hv_i - \\lambda_i v_i\\| \\le
+    \\mathrm{tol}\\cdot\\max(|\\lambda_i|, s)`, with s the spectral scale (the largest
+    :math:`\\|Hv\\|` seen, a lower bound of :math:`\\|H\\|_2`): every tolerance is relative,
+    so a loss scaled by 1e-20 or 1e+20 gives the same relative accuracy, and a zero Hessian gives
+    eigenvalues 0. The eigenvalue error is at most the residual. ``result.residuals`` are the
+    true residuals (k extra HVPs at the end) and ``result.converged`` is True only when they
+    meet that bound — False when ``max_iter`` ran out first.
 
     Example (least squares: :math:`H = \\mathrm{diag}(1, 4)`):
 
@@ -272,6 +281,9 @@ def hessian_top_eigenvalue(
         raise ValueError(f"tol must be > 0, got {tol!r}")
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
+    if method == "lanczos" and max_iter < k:
+        raise ValueError(f"max_iter={max_iter} is below k={k}: Lanczos needs at least k "
+                         "iterations for k eigenvalues; raise max_iter")
     names = resolve_params(model, params)
     obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
     op = HessianOperator(obj, names)

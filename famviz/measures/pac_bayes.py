@@ -22,6 +22,12 @@ Design:
   (or halved) until the target is bracketed, then the bracket is bisected in log scale
   ``steps`` times; the reported :math:`\sigma` is the largest one verified to meet the target.
   The start does not depend on the weights, so equal loss surfaces give equal answers.
+* **No finite σ.** When even the largest σ tried (``SIGMA_START`` doubled
+  :data:`MAX_BRACKET_STEPS` times, about 1e22) does not raise the criterion by the target —
+  the error is already at chance level, or the selected parameters do not reach the output —
+  there is no σ to report. The result then says so: ``found`` is False, ``value`` and
+  ``sigma`` are NaN (neither 0, which would read as "flattest", nor ∞ is a measurement) and
+  ``message`` tells why; a :class:`RuntimeWarning` carries the same message.
 * **Standard error** by the delta method, assuming the increase grows like :math:`\sigma^2`
   near :math:`\sigma^\star` (exact for a quadratic loss): an error :math:`\delta` in the
   estimated increase moves :math:`\sigma^\star` by :math:`\sigma^\star\delta/(2\tau)` and
@@ -31,6 +37,7 @@ Design:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -65,9 +72,13 @@ class PacBayesResult:
     """PAC-Bayes flatness; ``float(result)`` is :math:`1/\\sigma^2`.
 
     Attributes:
-        value: :math:`1/\\sigma^2` (larger = sharper; 0 when no noise level reached the target).
-        sigma: the largest standard deviation found to meet the target (``inf`` if none
-            failed it).
+        value: :math:`1/\\sigma^2` (larger = sharper); NaN when ``found`` is False.
+        sigma: the largest standard deviation found to meet the target; NaN when ``found``
+            is False.
+        found: False when no noise level up to the largest one tried (``bracket[0]``) raised
+            the criterion by more than ``target``, so that no finite σ exists to report;
+            ``message`` then says why.
+        message: empty when ``found``, else the explanation.
         stderr, sigma_stderr: delta-method standard errors of ``value`` and ``sigma``.
         criterion: ``"error"`` or ``"loss"``; ``target``: the allowed increase.
         centre: the criterion at the unperturbed weights.
@@ -89,6 +100,8 @@ class PacBayesResult:
     increase_stderr: float
     bracket: tuple[float, float]
     evaluations: int
+    found: bool
+    message: str
     parameters: dict = field(repr=False)
     params: tuple[str, ...] = field(repr=False)
     cost: Cost
@@ -210,8 +223,16 @@ def pac_bayes_flatness(
     parameters = {"target": target, "criterion": criterion, "samples": samples, "steps": steps}
     invariance = declare(CHANGES, CHANGES, CHANGES, INVARIANT, loss_name=obj.loss_name,
                          params=params)
-    if math.isinf(hi):  # the target was never exceeded: no finite sigma
-        value, sig, se, sig_se, inc, inc_se = 0.0, math.inf, math.nan, math.nan, *stats[lo]
+    found, message = math.isfinite(hi), ""
+    if not found:  # the target was never exceeded: no finite sigma to report
+        value, sig, se, sig_se, (inc, inc_se) = math.nan, math.nan, math.nan, math.nan, stats[lo]
+        message = (
+            f"no finite sigma: noise with std up to {lo:.3g} never raised the {criterion} by "
+            f"more than the target {target} (at that std: {inc:+.3g}; centre {centre:.4g}), so "
+            "the measure is undefined here; the criterion does not react to the noise (an "
+            "error already at chance level, or parameters that do not reach the output?)"
+        )
+        warnings.warn(f"pac_bayes_flatness: {message}", RuntimeWarning, stacklevel=2)
     else:
         inc, inc_se = stats[lo]
         sig, value = lo, 1.0 / lo**2
@@ -219,6 +240,7 @@ def pac_bayes_flatness(
     return PacBayesResult(
         value=value, sigma=sig, stderr=se, sigma_stderr=sig_se, criterion=criterion,
         target=target, centre=centre, increase=inc, increase_stderr=inc_se,
-        bracket=(lo, hi), evaluations=len(stats), parameters=parameters, params=tuple(names),
+        bracket=(lo, hi), evaluations=len(stats), found=found, message=message,
+        parameters=parameters, params=tuple(names),
         cost=ev.cost(), seed=used_seed, invariance=invariance, objective=obj.info(),
     )

@@ -103,18 +103,22 @@ class RelativeFlatnessResult:
 
 
 def _closed_form(obj: Objective, layer: str, want_blocks: bool):
-    """T (d×d) and, if wanted, the diagonal blocks H_ss (d×m×m) from the Gauss-Newton
-    pull-back: :math:`T = \\frac1N\\sum_n \\|\\phi_n\\|^2 \\Delta_n\\Delta_n^\\top`."""
-    T = blocks = None
+    """T (d×d), κ and, if wanted, the diagonal blocks H_ss (d×m×m) from the Gauss-Newton
+    pull-back: :math:`T = \\frac1N\\sum_n \\|\\phi_n\\|^2 \\Delta_n\\Delta_n^\\top`. κ comes
+    from :meth:`Pullback.gram_and_kappa` (a sum of non-negative terms, so float32 stays accurate and
+    non-negative near zero cross-entropy, where ⟨WWᵀ, T⟩ cancels)."""
+    T = blocks = kappa = None
+    W = obj.params[f"{layer}.weight"].detach()
     for batch in linear_pullback(obj, [layer]):
         pb = batch[layer]
-        t = pb.gram(pb.phi.pow(2).sum(dim=1))
-        T = t if T is None else T + t
+        phi2 = pb.phi.pow(2).sum(dim=1)
+        t, k = pb.gram_and_kappa(W, phi2)
+        T, kappa = (t, k) if T is None else (T + t, kappa + k)
         if want_blocks:
             b = torch.einsum("ns,nk,nl->skl", pb.diag(), pb.phi, pb.phi)
             blocks = b if blocks is None else blocks + b
     N = obj.num_samples
-    return T / N, (blocks / N if want_blocks else None)
+    return T / N, kappa / N, (blocks / N if want_blocks else None)
 
 
 def _exact(op: HessianOperator, d: int, m: int, want_blocks: bool):
@@ -268,9 +272,9 @@ def relative_flatness(
 
     W = obj.params[weight]
     M = W @ W.T
-    stderr, num_hvps, used_seed = 0.0, 0, None
+    stderr, num_hvps, used_seed, kappa = 0.0, 0, None, None
     if method == "closed_form":
-        T, blocks = _closed_form(obj, layer, want_blocks)
+        T, kappa, blocks = _closed_form(obj, layer, want_blocks)
     else:
         op = HessianOperator(obj, [weight])
         if method == "exact":
@@ -283,7 +287,7 @@ def relative_flatness(
     T = (T + T.T) / 2
 
     if variant == "kappa":
-        value = float((M * T).sum())
+        value = float(kappa if kappa is not None else (M * T).sum())
     else:
         value = float((W.pow(2).sum(dim=1) * torch.linalg.eigvalsh(blocks)[:, -1]).sum())
     if normalize == "m":
