@@ -27,7 +27,6 @@ Conventions (docs/math.md):
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import _random
 from .batches import (
     FORMS,
     Inputs,
@@ -72,24 +72,10 @@ BN_POLICIES = ("eval", "train")
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 
 
-#: seeds are exact integers in torch's seed range; anything else is refused, never rounded
-SEED_RANGE = (0, 2**64)
-
-
 def check_seed(seed, name: str = "seed") -> int | None:
-    """``seed`` as an exact Python int in ``[0, 2**64)`` (torch's seed range), or None.
-
-    Floats, bools and out-of-range integers are refused: a seed is used exactly or not at all
-    (``torch.manual_seed`` would map -1 and 2**64 - 1 to the same stream).
-    """
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{name} must be an integer or None, got {type(seed).__name__} {seed!r}")
-    seed = int(seed)
-    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
-        raise ValueError(f"{name} must be in [0, 2**64) (torch's seed range), got {seed}")
-    return seed
+    """``seed`` as an exact Python int in ``[0, 2**64)``, or None (see
+    :func:`famviz._random.check_seed`: a seed is used exactly or refused, never rounded)."""
+    return None if seed is None else _random.check_seed(name, seed)
 
 
 def check_option(name: str, value, valid: Sequence[str]) -> str:
