@@ -13,6 +13,7 @@ from .measures import (
     FrobeniusResult,
     MeasureTable,
     PacBayesResult,
+    PriorVolumeResult,
     RelativeFlatnessResult,
     SharpnessResult,
     TraceResult,
@@ -27,6 +28,7 @@ from .measures import (
     hessian_trace,
     measure_all,
     pac_bayes_flatness,
+    prior_volume,
     relative_flatness,
     worst_case_flatness,
 )
@@ -74,6 +76,9 @@ __all__ = [
     "PacBayesResult",
     "FisherRaoResult",
     "VolumeResult",
+    # the prior volume of a function (Zhang et al. 2021)
+    "prior_volume",
+    "PriorVolumeResult",
     # every measure at once
     "measure_all",
     "MeasureTable",
