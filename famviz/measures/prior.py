@@ -481,9 +481,7 @@ def prior_volume(
         K, G = empirical_kernel(model, X, samples=samples, seed=used_seed,
                                 dtype=dtype or torch.float64)
         forward += samples
-        se = (G[:, :, None] * G[:, None, :]).std(0) / math.sqrt(samples) if n <= 500 else None
-        kernel_stderr = (float(se.norm() / K.norm()) if se is not None
-                         else _kernel_stderr_chunked(G, K))
+        kernel_stderr = _kernel_stderr(G, K)
 
     def integrate(Km):
         if method == "ep":
@@ -527,8 +525,8 @@ def prior_volume(
     )
 
 
-def _kernel_stderr_chunked(G: Tensor, K: Tensor) -> float:
-    """‖se(K̂)‖_F / ‖K̂‖_F without the M × n × n tensor: se_ij² = var_m(g_mi g_mj) / M."""
+def _kernel_stderr(G: Tensor, K: Tensor) -> float:
+    """||se(K)||_F / ||K||_F with se_ij^2 = var_m(g_mi g_mj) / M (no M x n x n tensor)."""
     M = G.shape[0]
     second = (G * G).T @ (G * G) / M  # E[g_i² g_j²]
     var = (second - K * K) * M / (M - 1)
