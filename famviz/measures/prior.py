@@ -395,7 +395,8 @@ def prior_volume(
         kernel: ``"nngp"`` (Linear/ReLU/Identity stacks), ``"empirical"`` (any model whose
             modules have ``reset_parameters``) or ``"auto"`` (NNGP where it applies).
         method: ``"ep"`` (expectation propagation, any n), ``"exact"`` (n ≤ 10; the oracle)
-            or ``"mc"`` (GHK Monte-Carlo with ``mc_samples`` samples and a standard error).
+            or ``"mc"`` (GHK Monte-Carlo with minimax tilting, ``mc_samples`` samples and a standard
+            error).
         noise: the probit noise variance :math:`s^2` (1: the paper's GPy likelihood; 0: the
             step likelihood, :math:`P(\mathrm{sign}(g) = f)`, independent of K's scale).
         sigma_w, sigma_b: the NNGP prior's standard deviations (one number or one per Linear
