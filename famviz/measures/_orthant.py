@@ -126,6 +126,9 @@ def ep_posterior(
     K, f = _signs(K, f)
     n = K.shape[0]
     s2 = float(noise)
+    # an output with zero prior variance (a zero input without biases) is the constant 0: it
+    # contributes Φ(0) = 1/2 with noise > 0, which the jitter keeps finite
+    K = K + JITTER * max(float(torch.diagonal(K).mean()), 0.0) * torch.eye(n, dtype=K.dtype)
     tau = torch.zeros(n, dtype=torch.float64)
     nu = torch.zeros(n, dtype=torch.float64)
     diag_k = torch.diagonal(K).clone()

@@ -53,6 +53,7 @@ from ._base import (
     NOT_APPLICABLE,
     Cost,
     check_count,
+    check_positive,
     check_real,
     check_seed,
 )
@@ -91,7 +92,7 @@ class PriorVolumeResult:
             function under the prior).
         stderr: standard error of ``log_volume`` from sampling (Monte-Carlo for
             ``method="mc"``, the jackknife over kernel samples for ``kernel="empirical"``,
-            both combined in quadrature); the requested accuracy for ``method="exact"``; NaN
+            both combined in quadrature); the spread of its replicates for ``method="exact"``; NaN
             for EP on the NNGP kernel (deterministic; its approximation error is measured in
             the tests and ``benchmarks/README.md``).
         kernel: ``"nngp"`` or ``"empirical"``; ``method``: ``"ep"``, ``"exact"`` or ``"mc"``.
@@ -274,11 +275,24 @@ def _binary_output(out: Tensor, what: str) -> Tensor:
         "model (e.g. one class against the rest)")
 
 
+def _replica(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """A famviz-owned copy for forward passes: eval mode, no grads, none of the caller's hooks."""
+    replica = copy.deepcopy(model)
+    if dtype is not None:
+        replica = replica.to(dtype=dtype)
+    for m in replica.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    for p in replica.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return replica.eval()
+
+
 def _resettable(model: nn.Module) -> list[nn.Module]:
     """Modules with reset_parameters; every parameter must belong to one."""
     modules = [m for m in model.modules() if callable(getattr(m, "reset_parameters", None))]
     covered = {id(p) for m in modules for p in m.parameters(recurse=False)}
-    # a module's reset may also cover its children's direct parameters only when it owns them
     missing = [n for n, p in model.named_parameters() if id(p) not in covered]
     if not modules or missing:
         raise ValueError(
@@ -303,11 +317,8 @@ def empirical_kernel(model: nn.Module, X: Tensor, *, samples: int = 2000, seed: 
         ``(K, G)``: K (n, n) float64 and the M × n scores G (float64).
     """
     samples = check_count("samples", samples)
-    replica = copy.deepcopy(model)
+    replica = _replica(model, dtype)
     modules = _resettable(replica)
-    replica = replica.to(dtype=dtype).eval()
-    for p in replica.parameters():
-        p.requires_grad_(False)
     X = torch.as_tensor(X).detach().to(dtype=dtype, device=next(replica.parameters()).device)
     devices = [p.device for p in replica.parameters() if p.device.type != "cpu"][:1]
     gen = generator(seed, "cpu")
@@ -328,13 +339,10 @@ def empirical_kernel(model: nn.Module, X: Tensor, *, samples: int = 2000, seed: 
 
 def _predictions(model: nn.Module, X: Tensor, dtype) -> tuple[Tensor, int]:
     """±1 predictions of the model on X (eval mode, on a replica) and its number of outputs."""
-    replica = copy.deepcopy(model)
-    if dtype is not None:
-        replica = replica.to(dtype=dtype)
+    replica = _replica(model, dtype)
     first = next(replica.parameters(), None)
     if first is None:
         raise ValueError("the model has no parameters")
-    replica.eval()
     with torch.no_grad():
         out = replica(X.to(dtype=first.dtype, device=first.device))
     score = _binary_output(out, "the model's output")
@@ -395,8 +403,8 @@ def prior_volume(
         kernel: ``"nngp"`` (Linear/ReLU/Identity stacks), ``"empirical"`` (any model whose
             modules have ``reset_parameters``) or ``"auto"`` (NNGP where it applies).
         method: ``"ep"`` (expectation propagation, any n), ``"exact"`` (n ≤ 10; the oracle)
-            or ``"mc"`` (GHK Monte-Carlo with minimax tilting, ``mc_samples`` samples and a standard
-            error).
+            or ``"mc"`` (GHK Monte-Carlo with minimax tilting, ``mc_samples`` samples and a
+            standard error).
         noise: the probit noise variance :math:`s^2` (1: the paper's GPy likelihood; 0: the
             step likelihood, :math:`P(\mathrm{sign}(g) = f)`, independent of K's scale).
         sigma_w, sigma_b: the NNGP prior's standard deviations (one number or one per Linear
@@ -430,7 +438,7 @@ def prior_volume(
     damping = check_real("damping", damping)
     if not 0 < damping <= 1:
         raise ValueError(f"damping must lie in (0, 1], got {damping!r}")
-    tol = check_real("tol", tol)
+    tol = check_positive("tol", tol)
     max_iter = check_count("max_iter", max_iter)
     samples = check_count("samples", samples, minimum=2)
     mc_samples = check_count("mc_samples", mc_samples, minimum=2)
@@ -484,24 +492,38 @@ def prior_volume(
         forward += samples
         kernel_stderr = _kernel_stderr(G, K)
 
+    # the step likelihood sees identical inputs once: their outputs are equal at every
+    # initialization (EP would count the constraint twice; conflicting labels have P = 0)
+    distinct, conflict = _distinct_inputs(X.reshape(n, -1), f) if noise == 0 else (None, False)
+    if noise == 0 and not conflict and bool((torch.diagonal(K)[distinct] <= 0).any()):
+        raise ValueError(
+            "some inputs have zero prior variance (the network's output there is 0 at every "
+            "initialization), so their sign is undefined with noise=0: use noise > 0")
+    f_used = f if distinct is None else f[distinct]
+
     def integrate(Km):
+        if distinct is not None:
+            Km = Km[distinct][:, distinct]
         if method == "ep":
-            value, report = log_orthant_ep(Km, f, noise, damping=damping, tol=tol,
+            value, report = log_orthant_ep(Km, f_used, noise, damping=damping, tol=tol,
                                            max_iter=max_iter)
             return value, report, 0.0
         if method == "exact":
-            value, err = log_orthant_exact(Km, f, noise, seed=used_seed)
+            value, err = log_orthant_exact(Km, f_used, noise, seed=used_seed)
             return value, None, err
-        value, se_mc = log_orthant_mc(Km, f, noise, samples=mc_samples, seed=used_seed)
+        value, se_mc = log_orthant_mc(Km, f_used, noise, samples=mc_samples, seed=used_seed)
         return value, None, se_mc
 
-    log_p, report, err = integrate(K)
-    if G is not None:  # delete-a-group jackknife over the re-initializations
+    if conflict:
+        log_p, report, err = -math.inf, None, 0.0
+    else:
+        log_p, report, err = integrate(K)
+    if G is not None and not conflict:  # delete-a-group jackknife over the re-initializations
         groups = torch.arange(samples) % JACKKNIFE_GROUPS
         leave_out = []
         for g in range(JACKKNIFE_GROUPS):
-            keep = G[groups != g]
-            leave_out.append(integrate(keep.T @ keep / len(keep))[0])
+            rest = G[groups != g]
+            leave_out.append(integrate(rest.T @ rest / len(rest))[0])
         t = torch.tensor(leave_out, dtype=torch.float64)
         k = JACKKNIFE_GROUPS
         jack_stderr = float(torch.sqrt((k - 1) / k * ((t - t.mean()) ** 2).sum()))
@@ -524,6 +546,16 @@ def prior_volume(
         cost=Cost(forward, 0, 0, time.perf_counter() - start),
         seed=used_seed, invariance=invariance,
     )
+
+
+def _distinct_inputs(X: Tensor, f: Tensor) -> tuple[Tensor, bool]:
+    """Indices of the first occurrence of every distinct input, and whether two identical
+    inputs carry different labels."""
+    _, inverse = torch.unique(X, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(f), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(f)), reduce="amin")
+    conflict = bool((f != f[first[inverse]]).any())
+    return first.sort().values, conflict
 
 
 def _kernel_stderr(G: Tensor, K: Tensor) -> float:
