@@ -47,7 +47,7 @@ def main() -> None:
                 kind = "exact"
             else:
                 ref, err = log_orthant_mc(K, f[:n], noise, samples=args.mc_samples, seed=0)
-                kind = f"GHK {args.mc_samples}"
+                kind = f"tilted GHK {args.mc_samples}"
             t_ref = time.perf_counter() - t0
             rows.append([str(n), f"{noise:g}", f"{ep:.3f}", f"{report.iterations}",
                          "yes" if report.converged else "NO", f"{t_ep:.2f}", kind,
