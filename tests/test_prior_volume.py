@@ -381,7 +381,7 @@ class CustomInit(nn.Linear):
      ValueError, "sigma_w has 1 entries; the model has 2 Linear layers"),
     (lambda: prior_volume(fv.models.mlp([64, 5, 1]), X64[:50], kernel="empirical",
                           noise=0.0, samples=20), ValueError,
-     "has rank <= 20 < n=50"),
+     "has rank <= 16 < n=50, .* use samples >= 63 or noise > 0"),
 ])
 def test_bad_input_gives_clear_errors(call, error, match):
     with pytest.raises(error, match=match):

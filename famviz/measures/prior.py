@@ -464,11 +464,13 @@ def prior_volume(
             kernel = "empirical"
     if kernel == "empirical":
         _resettable(model)  # fail before any work
-        if noise == 0 and samples < n:
+        fewest = samples - math.ceil(samples / JACKKNIFE_GROUPS)  # the jackknife's kernels
+        if noise == 0 and fewest < n:
             raise ValueError(
-                f"with noise=0 the empirical kernel from samples={samples} re-initializations "
-                f"has rank <= {samples} < n={n}, and most sign patterns get probability 0: "
-                "use samples >= n or noise > 0")
+                f"with noise=0 the empirical kernel (and its jackknife replicates) from "
+                f"samples={samples} re-initializations has rank <= {fewest} < n={n}, and most "
+                f"sign patterns get probability 0: use samples >= "
+                f"{math.ceil(n * JACKKNIFE_GROUPS / (JACKKNIFE_GROUPS - 1))} or noise > 0")
     else:
         _layer_sigmas(_linear_layers(model), sigma_w, sigma_b)  # fail before any work
 
