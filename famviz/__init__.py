@@ -14,6 +14,7 @@ from .measures import (
     FrobeniusResult,
     MeasureTable,
     PacBayesResult,
+    PriorVolumeResult,
     RelativeFlatnessResult,
     SharpnessResult,
     TraceResult,
@@ -28,6 +29,7 @@ from .measures import (
     hessian_trace,
     measure_all,
     pac_bayes_flatness,
+    prior_volume,
     relative_flatness,
     worst_case_flatness,
 )
@@ -76,6 +78,9 @@ __all__ = [
     "PacBayesResult",
     "FisherRaoResult",
     "VolumeResult",
+    # the prior volume of a function (Zhang et al. 2021)
+    "prior_volume",
+    "PriorVolumeResult",
     # every measure at once
     "measure_all",
     "MeasureTable",

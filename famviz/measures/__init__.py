@@ -23,6 +23,7 @@ from .perturbation import (
     eps_sharpness,
     worst_case_flatness,
 )
+from .prior import PriorVolumeResult, empirical_kernel, nngp_kernel, prior_volume
 from .relative import RelativeFlatnessResult, relative_flatness
 from .table import MEASURES, MeasureRow, MeasureSpec, MeasureTable, measure_all
 from .volume import VolumeResult, basin_volume
@@ -49,6 +50,11 @@ __all__ = [
     "fisher_rao_norm",
     "VolumeResult",
     "basin_volume",
+    # the prior volume of a function (Zhang et al. 2021)
+    "PriorVolumeResult",
+    "prior_volume",
+    "nngp_kernel",
+    "empirical_kernel",
     # all at once
     "measure_all",
     "MeasureTable",

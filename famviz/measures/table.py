@@ -31,7 +31,11 @@ worst_case_flatness         invariant  changes    changes    changes
 pac_bayes_flatness          changes    changes    changes    invariant
 fisher_rao_norm             invariant  invariant  invariant  invariant
 basin_volume                changes    changes    changes    invariant
+prior_volume                invariant  invariant  invariant  invariant
 ==========================  =========  =========  =========  =========
+
+``prior_volume`` (binary tasks only; the volume of the model's own predictions on the data's
+inputs) depends on the function alone; its T5 is ``"n/a"`` for a single logit.
 
 Non-default options change some declarations, and the rows say so: adaptive sharpness with
 ``eta=0`` is invariant under T1, T2 and T3; relative flatness with ``normalize_features=True``
@@ -68,6 +72,7 @@ from ._base import (
 from .fisher_rao import fisher_rao_norm
 from .hessian import hessian_top_eigenvalue, hessian_trace
 from .pac_bayes import pac_bayes_flatness
+from .prior import _measure_all_entry as _prior_volume_entry
 from .perturbation import (
     adaptive_sharpness,
     average_flatness,
@@ -100,6 +105,8 @@ class MeasureSpec:
         higher_is: ``"sharper"`` or ``"flatter"`` (or ``"more complex"``).
         fast: keyword arguments of the ``"fast"`` preset.
         uses_layer: the function takes the reference layer (relative flatness).
+        binary_only: the measure is defined for binary tasks only (one logit or two classes);
+            measure_all leaves it out of the default list elsewhere.
     """
 
     name: str
@@ -109,6 +116,7 @@ class MeasureSpec:
     kwargs: dict = field(default_factory=dict)
     fast: dict = field(default_factory=dict)
     uses_layer: bool = False
+    binary_only: bool = False
 
 
 #: the measures of :func:`measure_all`, in table order
@@ -134,6 +142,8 @@ MEASURES: dict[str, MeasureSpec] = {s.name: s for s in [
                 "more complex"),
     MeasureSpec("basin_volume", "basin mean radius (volume estimate)", basin_volume,
                 "flatter", fast={"samples": 5, "steps": 6}),
+    MeasureSpec("prior_volume", "log prior volume log P(f) (Zhang et al. 2021)",
+                _prior_volume_entry, "flatter", binary_only=True),
 ]}
 
 
@@ -346,6 +356,13 @@ def _neighbours(model: nn.Module, layer: str) -> tuple[str | None, str | None]:
     return below, above
 
 
+def _is_binary(obj: Objective) -> bool:
+    """One logit or two classes per sample (the tasks of the binary-only measures)."""
+    with torch.no_grad():
+        out = obj.forward({}, obj.batches[0][0][:1], bn="eval")
+    return out.ndim == 1 or (out.ndim == 2 and out.shape[1] in (1, 2))
+
+
 def _default_layer(model: nn.Module) -> str | None:
     linear = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
     return linear[-1] if linear else None
@@ -378,7 +395,7 @@ def measure_all(
             the layer the T1/T2/T3 declarations refer to (default: the last Linear layer).
         loss: ``"cross_entropy"``, ``"mse"`` or a callable.
         measures: names from :data:`MEASURES` (default: all; relative flatness is left out
-            when the model has no Linear layer).
+            when the model has no Linear layer, the prior volume unless the task is binary).
         seed: one seed for every stochastic measure (drawn and recorded if None).
         preset: ``"default"`` (each measure's paper defaults) or ``"fast"`` (fewer samples and
             steps, for interactive use; see ``benchmarks/README.md``).
@@ -436,6 +453,8 @@ def measure_all(
     with torch.no_grad():
         check_finite_loss(obj.loss(), "the loss at the centre (the unperturbed model)")
     below, above = _neighbours(model, layer) if layer is not None else (None, None)
+    if measures is None and not _is_binary(obj):
+        names = [n for n in names if not MEASURES[n].binary_only]
 
     iterator = names
     if progress:
