@@ -206,7 +206,7 @@ def test_negative_radii_are_refused(func, arg):
     (pac_bayes_flatness, {"criterion": "acc"}, "unknown criterion 'acc'; valid: 'error'"),
     (fisher_rao_norm, {"method": "exact"}, "unknown method 'exact'; valid: 'jvp', 'logits'"),
     (eps_sharpness, {"params": "fc9"}, "unknown parameter or layer 'fc9'"),
-    (average_flatness, {"seed": "1"}, "seed must be an integer or None"),
+    (average_flatness, {"seed": "1"}, "seed must be an integer in \[0, 2\*\*64\)"),
 ])
 def test_bad_arguments(func, kw, match):
     with pytest.raises((ValueError, TypeError), match=match):

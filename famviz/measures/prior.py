@@ -36,7 +36,6 @@ logits) leaves it unchanged.
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 import time
@@ -48,6 +47,7 @@ from torch import Tensor, nn
 
 from ..curvature import generator, new_seed
 from ..objective import Objective, check_option
+from ..replica import preserve_global_rng, replicate
 from ._base import (
     INVARIANT,
     NOT_APPLICABLE,
@@ -276,16 +276,17 @@ def _binary_output(out: Tensor, what: str) -> Tensor:
 
 
 def _replica(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """A famviz-owned copy for forward passes: eval mode, no grads, none of the caller's hooks."""
-    replica = copy.deepcopy(model)
-    if dtype is not None:
-        replica = replica.to(dtype=dtype)
-    for m in replica.modules():
-        m._forward_hooks.clear()
-        m._forward_pre_hooks.clear()
+    """A famviz replica that owns copies of the parameters (re-initialization writes them), in
+    eval mode, frozen, in ``dtype``."""
+
+    def own(t):
+        return t.detach().to(dtype=dtype if dtype is not None and t.is_floating_point()
+                             else None, copy=True)
+
+    replica = replicate(model, {n: own(p) for n, p in model.named_parameters()},
+                        {n: own(b) for n, b in model.named_buffers()})
     for p in replica.parameters():
         p.requires_grad_(False)
-        p.grad = None
     return replica.eval()
 
 
@@ -320,11 +321,11 @@ def empirical_kernel(model: nn.Module, X: Tensor, *, samples: int = 2000, seed: 
     replica = _replica(model, dtype)
     modules = _resettable(replica)
     X = torch.as_tensor(X).detach().to(dtype=dtype, device=next(replica.parameters()).device)
-    devices = [p.device for p in replica.parameters() if p.device.type != "cpu"][:1]
     gen = generator(seed, "cpu")
     seeds = torch.randint(0, 2**62, (samples,), generator=gen).tolist()
     scores = []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    # reset_parameters draws from the global generator: seed it per sample, then restore it
+    with preserve_global_rng(), torch.no_grad():
         for s in seeds:
             torch.manual_seed(s)
             for m in modules:
