@@ -473,6 +473,8 @@ def measure_all(
                 result = spec.func(model, data, layer, **common, **opts)
             else:
                 result = spec.func(model, data, **common, **opts)
+            if getattr(result, "found", True) is False:  # e.g. PAC-Bayes without a finite σ
+                raise ValueError(result.message)
         except Exception as exc:  # one failing measure keeps the other rows (shown as an error)
             rows.append(MeasureRow(
                 name=name, label=spec.label, value=math.nan, stderr=math.nan,
