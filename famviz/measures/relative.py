@@ -42,6 +42,8 @@ from ..objective import (
     resolve_params,
     shared_names,
 )
+from ..patches import LAYER_TYPES, check_layer, shares_positions, weight_shape
+from ..patches import closed_form as _shared_closed_form
 from ._base import check_count
 
 __all__ = [
@@ -61,17 +63,21 @@ NORMALIZATIONS = (None, "m")
 AUTO_EXACT_MAX_HVPS = 4096
 #: default number of Hutchinson probes (each costs d HVPs)
 DEFAULT_PROBES = 64
+#: with method="auto" and no ``probes``, Hutchinson takes at most this many HVPs (and at least
+#: 2 probes): a wide layer gets fewer probes, and a larger standard error, not hours of HVPs
+AUTO_HUTCHINSON_MAX_HVPS = 1024
 
 
 @dataclass(frozen=True)
 class RelativeFlatnessResult:
-    """κ of one Linear layer; ``float(result)`` is κ (÷ m when ``normalize="m"``).
+    """κ of one Linear or Conv2d layer; ``float(result)`` is κ (÷ m when ``normalize="m"``).
 
     Attributes:
         value: κ, the headline number.
         block_traces: the d×d matrix :math:`T_{ss'} = \\mathrm{Tr}(H_{s,s'})` (an estimate for
             Hutchinson), as float64 numpy.
-        layer: module name of the feature layer; ``shape`` its weight shape (d, m).
+        layer: module name of the feature layer; ``shape`` its weight as a matrix (d, m)
+            (a Conv2d's (out_channels, in_channels·kh·kw)).
         method: ``"closed_form"``, ``"exact"`` or ``"hutchinson"``.
         variant, normalize, normalize_features: the options used.
         stderr: standard error for Hutchinson, else 0.0.
@@ -170,13 +176,14 @@ def relative_flatness(
     variant: str = "kappa",
     normalize: str | None = None,
     normalize_features: bool = False,
-    probes: int = DEFAULT_PROBES,
+    probes: int | None = None,
     seed: int | None = None,
     dtype: torch.dtype | None = None,
     device=None,
     bn: str = "eval",
 ) -> RelativeFlatnessResult:
-    """Relative flatness κ of the ``nn.Linear`` layer ``layer`` (Petzka et al. 2021).
+    """Relative flatness κ of the ``nn.Linear`` or ``nn.Conv2d`` layer ``layer`` (Petzka et
+    al. 2021).
 
     .. math::
 
@@ -185,34 +192,44 @@ def relative_flatness(
     With cross-entropy on the last layer :math:`\\kappa = \\frac1N\\sum_n \\|\\phi_n\\|^2
     \\mathrm{Var}_{i\\sim p_n}(w_i)` (MATH.md §1).
 
+    A Conv2d (``groups=1``; any stride, padding, padding mode, dilation) is a Linear map on
+    unfolded patches: :math:`W` is its weight reshaped to ``(out_channels,
+    in_channels·kh·kw)``, row :math:`w_s` the flattened filter of output channel :math:`s`, and
+    :math:`H` the Hessian of the mean loss in that weight, the couplings between the positions
+    that share it included. A Linear on ``(N, ..., F)`` inputs (tokens, sequences) is the same
+    with positions = the middle axes (docs/conv.md).
+
     Methods:
         * ``"closed_form"``: cross-entropy or MSE when the layer is the model's output layer or
           only piecewise-linear modules follow it in an ``nn.Sequential`` (ReLU, LeakyReLU,
-          pooling, Linear, ...): then the layer's Hessian equals its Gauss-Newton block and T
-          costs one forward and C batched backward passes, no HVP.
+          pooling, Flatten, Linear, Conv2d, ...): then the layer's Hessian equals its
+          Gauss-Newton block and T costs one forward and C batched backward passes, no HVP.
         * ``"exact"``: T from the d·m Hessian-vector products :math:`He_{s,k}` — any loss, any
           Linear layer.
         * ``"hutchinson"``: T estimated from ``probes`` probes shared across rows (d HVPs each),
           with a standard error — for wide layers.
         * ``"auto"``: closed form where it is exact, else exact up to
-          :data:`AUTO_EXACT_MAX_HVPS` HVPs, else Hutchinson.
+          :data:`AUTO_EXACT_MAX_HVPS` HVPs, else Hutchinson; without ``probes``, with at most
+          :data:`AUTO_HUTCHINSON_MAX_HVPS` HVPs (at least 2 probes).
 
     Args:
         model: the network (never modified).
         data: ``(X, y)`` or an iterable of batches.
-        layer: module name of an ``nn.Linear`` layer (e.g. ``"4"``). Conv layers are refused:
-            relative flatness here is defined for Linear feature layers.
+        layer: module name of an ``nn.Linear`` (e.g. ``"4"``) or an ``nn.Conv2d`` with
+            ``groups=1`` (others are refused).
         loss: ``"cross_entropy"``, ``"mse"`` or a callable.
         method: see above.
         variant: ``"kappa"`` (default, the paper's measure) or ``"neuronwise_max"``:
             :math:`\\sum_s \\|w_s\\|^2 \\lambda_{\\max}(H_{s,s})` (not available with Hutchinson).
-        normalize: ``None`` (the paper's κ) or ``"m"`` (divide by the number of inputs m).
+        normalize: ``None`` (the paper's κ) or ``"m"`` (divide by the number of inputs m; a
+            Conv2d's in_channels·kh·kw).
         normalize_features: first bring the model to the std canonical form of MATH.md §2
             (:func:`famviz.reparam.normalize_features` on ``data``), which makes κ equal for
             networks that differ by a rescaling of the neurons below the layer. Features that
             are constant on ``data`` (dead ReLUs, σ = 0) cannot be normalized, and their columns
-            of W still count in κ: networks with such features are not identified.
-        probes: Hutchinson probes.
+            of W still count in κ: networks with such features are not identified. Linear
+            layers fed by a Linear layer only.
+        probes: Hutchinson probes (default :data:`DEFAULT_PROBES`; see ``"auto"``).
         seed: Hutchinson's seed (drawn and recorded if None).
         dtype, device, bn: evaluation dtype (float64 for exactness), device, BatchNorm policy.
 
@@ -230,22 +247,27 @@ def relative_flatness(
     check_option("method", method, METHODS)
     check_option("variant", variant, VARIANTS)
     seed = check_seed(seed)
-    probes = check_count("probes", probes)
+    auto_probes = probes is None
+    probes = DEFAULT_PROBES if probes is None else check_count("probes", probes)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalize {normalize!r}; valid: None, 'm'")
-    module = resolve_layer(model, layer, (nn.Linear,))
+    module = resolve_layer(model, layer, LAYER_TYPES)
+    check_layer(module, layer)
     if not isinstance(module.weight, nn.Parameter):
         raise ValueError(
             f"the weight of layer {layer!r} is computed, not a parameter (weight_norm or a "
             "parametrization); relative flatness needs the weight W itself as a parameter — "
             "remove the reparametrization first (e.g. torch.nn.utils.remove_weight_norm)"
         )
+    if normalize_features and isinstance(module, nn.Conv2d):
+        raise ValueError(f"normalize_features=True is implemented for Linear layers; layer "
+                         f"{layer!r} is a Conv2d: call without it")
     if normalize_features:
         from ..reparam import normalize_features as _canonical
 
         model = _canonical(model, layer, data)
     obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
-    d, m = module.weight.shape
+    d, m = weight_shape(module)
     weight = resolve_params(model, f"{layer}.weight")[0]  # a tied weight: its first name
     want_blocks = variant == "neuronwise_max"
 
@@ -262,14 +284,18 @@ def relative_flatness(
     if method == "auto":
         method = ("closed_form" if closed_ok
                   else "exact" if d * m <= AUTO_EXACT_MAX_HVPS else "hutchinson")
+        if method == "hutchinson" and auto_probes:
+            probes = max(2, min(DEFAULT_PROBES, AUTO_HUTCHINSON_MAX_HVPS // d))
     if method == "hutchinson" and want_blocks:
         raise ValueError("variant='neuronwise_max' needs the diagonal blocks H_ss: use method "
                          "'closed_form' or 'exact'")
 
-    W = obj.params[weight]
+    W = obj.params[weight].reshape(d, m)
     M = W @ W.T
     stderr, num_hvps, used_seed = 0.0, 0, None
-    if method == "closed_form":
+    if method == "closed_form" and shares_positions(obj, layer):
+        T, blocks = _shared_closed_form(obj, layer, want_blocks)
+    elif method == "closed_form":
         T, blocks = _closed_form(obj, layer, want_blocks)
     else:
         op = HessianOperator(obj, [weight])

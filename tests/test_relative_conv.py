@@ -1,0 +1,285 @@
+"""Relative flatness of Conv2d layers and of Linear layers on (N, ..., F) inputs, against the
+dense torch.func oracle (float64), and its invariances under channel-wise rescalings."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import famviz as fv
+from famviz.measures import relative
+from famviz.oracles import dense_hessian, relative_flatness_bruteforce
+
+RTOL = 1e-5
+
+CONVS = {
+    "3x3 pad 1": dict(kernel_size=3, padding=1),
+    "2x3 stride 2 dilation": dict(kernel_size=(2, 3), stride=2, padding=(1, 0), dilation=(1, 2)),
+    "reflect padding": dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    "same, dilation 2": dict(kernel_size=3, padding="same", dilation=2),
+    "valid, no bias": dict(kernel_size=2, bias=False),
+}
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(10, 2, 7, 7, generator=g, dtype=torch.float64)
+    return X, torch.randint(0, 3, (10,), generator=g)
+
+
+def _init(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    return model
+
+
+def conv_net(X, seed=0, act=nn.ReLU, **conv):
+    """conv "0" (2 -> 3 channels) -> act -> conv "2" (3 -> 2, 2x2) -> act -> flatten -> "5"."""
+    c0 = nn.Conv2d(2, 3, **conv).double()
+    c2 = nn.Conv2d(3, 2, 2).double()
+    n = c2(c0(X[:1])).numel()
+    model = nn.Sequential(c0, act(), c2, act(), nn.Flatten(), nn.Linear(n, 3).double())
+    return _init(model, seed)
+
+
+@pytest.mark.parametrize("case", list(CONVS))
+@pytest.mark.parametrize("layer", ["0", "2"])
+def test_conv_closed_form_and_exact_equal_the_dense_oracle(images, case, layer):
+    model = conv_net(images[0], seed=1, **CONVS[case])
+    kappa, T = relative_flatness_bruteforce(model, images, layer)
+    d = model.get_submodule(layer).weight.shape[0]
+    for method in ("closed_form", "exact"):
+        r = fv.relative_flatness(model, images, layer, method=method)
+        assert r.method == method and r.shape == (d, model.get_submodule(layer).weight[0].numel())
+        assert r.value == pytest.approx(kappa, rel=RTOL)
+        np.testing.assert_allclose(r.block_traces, T.numpy(), rtol=RTOL, atol=1e-12)
+    auto = fv.relative_flatness(model, images, layer)
+    assert auto.method == "closed_form" and auto.num_hvps == 0
+
+
+def test_cross_position_terms_matter(images):
+    """Dropping the couplings between positions (p != q) gives a different, wrong κ."""
+    model = conv_net(images[0], seed=2, kernel_size=3, padding=1)
+    r = fv.relative_flatness(model, images, "0")
+    X, y = images
+    # diagonal-in-position part: each output position as its own sample of a Linear layer
+    obj = fv.objective.Objective(model, images)
+    with obj.capture(["0"]) as cap:
+        out = obj.forward({}, X)
+    from famviz.curvature import loss_hessian_factor
+    from famviz.patches import patches
+    S = loss_hessian_factor("cross_entropy", out.detach())
+    (g,) = torch.autograd.grad(out, cap["0"]["z"], S, is_grads_batched=True)
+    delta = g.reshape(*g.shape[:3], -1)  # (C, N, d, P)
+    phi = patches(model[0], cap["0"]["phi"].detach())  # (N, P, m)
+    T_diag = torch.einsum("cnsp,cntp,np->st", delta, delta, phi.pow(2).sum(-1)) / len(X)
+    W = model[0].weight.detach().reshape(3, -1)
+    kappa_diag = float(((W @ W.T) * T_diag).sum())
+    assert abs(kappa_diag - r.value) > 1e-2 * r.value
+
+
+def test_conv_hutchinson_converges_with_covering_stderr(images):
+    model = conv_net(images[0], seed=3, kernel_size=3, padding=1)
+    exact = fv.relative_flatness(model, images, "0", method="exact")
+    r = fv.relative_flatness(model, images, "0", method="hutchinson", probes=300, seed=0)
+    assert r.method == "hutchinson" and r.num_hvps == 300 * 3 and r.seed == 0
+    assert abs(r.value - exact.value) <= 4 * r.stderr
+    assert abs(r.value - exact.value) <= 0.15 * exact.value
+    again = fv.relative_flatness(model, images, "0", method="hutchinson", probes=300, seed=0)
+    assert again.value == r.value
+
+
+def test_conv_neuronwise_max_and_normalize_m(images):
+    model = conv_net(images[0], seed=4, kernel_size=3, padding=1)
+    H, _ = dense_hessian(model, images, params="0.weight")
+    H = H.reshape(3, 18, 3, 18)
+    W = model[0].weight.detach().reshape(3, 18)
+    expected = sum(float(W[s].pow(2).sum() * torch.linalg.eigvalsh(H[s, :, s, :])[-1])
+                   for s in range(3))
+    for method in ("closed_form", "exact"):
+        r = fv.relative_flatness(model, images, "0", method=method, variant="neuronwise_max")
+        assert r.value == pytest.approx(expected, rel=RTOL)
+    a = fv.relative_flatness(model, images, "0")
+    b = fv.relative_flatness(model, images, "0", normalize="m")
+    assert b.value == pytest.approx(a.value / 18, rel=1e-12)  # m = 2 channels x 3 x 3
+
+
+def test_conv_before_a_smooth_activation_has_no_closed_form(images):
+    model = conv_net(images[0], seed=5, act=nn.Tanh, kernel_size=3, padding=1)
+    kappa, _ = relative_flatness_bruteforce(model, images, "0")
+    r = fv.relative_flatness(model, images, "0")
+    assert r.method == "exact" and r.num_hvps == 54
+    assert r.value == pytest.approx(kappa, rel=RTOL)
+    with pytest.raises(ValueError, match="no closed form"):
+        fv.relative_flatness(model, images, "0", method="closed_form")
+
+
+def test_conv_output_layer_with_mse(images):
+    X, _ = images
+    model = _init(nn.Sequential(nn.Conv2d(2, 2, 3, stride=2)).double(), 6)
+    Y = torch.randn(model(X).shape, generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)
+    kappa, _ = relative_flatness_bruteforce(model, (X, Y), "0", loss="mse")
+    r = fv.relative_flatness(model, (X, Y), "0", loss="mse")
+    assert r.method == "closed_form" and r.value == pytest.approx(kappa, rel=RTOL)
+
+
+def test_conv_batches_give_the_full_data_result(images):
+    X, y = images
+    model = conv_net(X, seed=7, kernel_size=3, padding=1)
+    whole = fv.relative_flatness(model, images, "0")
+    parts = fv.relative_flatness(model, [(X[:3], y[:3]), (X[3:], y[3:])], "0")
+    assert parts.value == pytest.approx(whole.value, rel=1e-12)
+
+
+def test_unsupported_convs_are_refused_clearly(images):
+    X, y = images
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(3))
+    model(X.float())
+    model = model.double()
+    with pytest.raises(ValueError, match="groups=2.*groups=1"):
+        fv.relative_flatness(model, images, "0")
+    plain = conv_net(X, kernel_size=3)
+    with pytest.raises(ValueError, match="normalize_features=True is implemented for Linear"):
+        fv.relative_flatness(plain, images, "0", normalize_features=True)
+    with pytest.raises(ValueError, match=r"Linear/Conv2d layers of this model: \['0', '2', '5'\]"):
+        fv.relative_flatness(plain, images, "1")
+
+
+# ------------------------------------------------------------------ Linear on (N, ..., F) inputs
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(12, 4, 5, generator=g, dtype=torch.float64)  # N, T, F
+    return X, torch.randint(0, 3, (12,), generator=g)
+
+
+class MeanPool(nn.Module):
+    """token-wise Linear -> act -> mean over tokens -> Linear (not an nn.Sequential)."""
+
+    def __init__(self, act, hidden=6, features=5):
+        super().__init__()
+        self.token = nn.Linear(features, hidden)
+        self.act = act()
+        self.head = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.token(x)).mean(dim=1))
+
+
+def test_linear_on_sequences_against_the_oracle(tokens):
+    X, y = tokens
+    model = _init(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3)), 8)
+    model = model.double()
+    kappa, T = relative_flatness_bruteforce(model, tokens, "0")
+    for method in ("closed_form", "exact"):
+        r = fv.relative_flatness(model, tokens, "0", method=method)
+        assert r.value == pytest.approx(kappa, rel=RTOL)
+        np.testing.assert_allclose(r.block_traces, T.numpy(), rtol=RTOL, atol=1e-12)
+    auto = fv.relative_flatness(model, tokens, "0")
+    assert auto.method == "closed_form" and auto.num_hvps == 0
+    blocks = fv.relative_flatness(model, tokens, "0", variant="neuronwise_max")
+    exact = fv.relative_flatness(model, tokens, "0", method="exact", variant="neuronwise_max")
+    assert blocks.value == pytest.approx(exact.value, rel=RTOL)
+
+
+def test_linear_on_sequences_as_output_layer_with_mse(tokens):
+    X, _ = tokens
+    model = _init(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2)), 9).double()
+    Y = torch.randn(12, 4, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for layer in ("0", "2"):
+        kappa, _ = relative_flatness_bruteforce(model, (X, Y), layer, loss="mse")
+        r = fv.relative_flatness(model, (X, Y), layer, loss="mse")
+        assert r.method == "closed_form" and r.value == pytest.approx(kappa, rel=RTOL)
+
+
+def test_linear_on_sequences_in_a_custom_module(tokens):
+    relu = _init(MeanPool(nn.ReLU), 10).double()
+    tanh = _init(MeanPool(nn.Tanh), 10).double()
+    for model, method in ((relu, "exact"), (tanh, "exact")):  # not a Sequential: no closed form
+        kappa, _ = relative_flatness_bruteforce(model, tokens, "token")
+        r = fv.relative_flatness(model, tokens, "token")
+        assert r.method == method and r.value == pytest.approx(kappa, rel=RTOL)
+
+
+def test_auto_on_a_wide_layer_stays_within_its_hvp_budget():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(4, 3, 64, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,), generator=g)
+    model = _init(MeanPool(nn.Tanh, hidden=72, features=64), 11).double()  # d*m = 4608
+    r = fv.relative_flatness(model, (X, y), "token", seed=0)
+    assert r.method == "hutchinson"
+    assert r.num_hvps <= relative.AUTO_HUTCHINSON_MAX_HVPS and r.num_hvps == 72 * 14
+    assert r.stderr > 0
+    # an explicit probe count is honoured
+    r2 = fv.relative_flatness(model, (X, y), "token", probes=2, seed=0)
+    assert r2.num_hvps == 2 * 72
+
+
+# ---------------------------------------------------------------------------------- invariances
+
+
+def _rescale_channels(model, first, second, r, block=1):
+    """Output channel s of conv ``first`` (weight, bias) x r_s; input channel s of ``second``
+    (a conv, or a Linear after Flatten whose columns come in blocks of ``block``) / r_s."""
+    new = fv.objective.replicate(model, {n: p.detach().clone() for n, p in
+                                        model.named_parameters()})
+    f, s = new.get_submodule(first), new.get_submodule(second)
+    with torch.no_grad():
+        f.weight.mul_(r[:, None, None, None])
+        if f.bias is not None:
+            f.bias.mul_(r)
+        if isinstance(s, nn.Conv2d):
+            s.weight.div_(r[None, :, None, None])
+        else:
+            s.weight.div_(r.repeat_interleave(block)[None, :])
+    return new
+
+
+def test_channel_rescaling_leaves_kappa_unchanged_and_moves_the_trace(images):
+    X, _ = images
+    model = conv_net(X, seed=12, kernel_size=3, padding=1)
+    r = torch.tensor([4.0, 0.25, 3.0], dtype=torch.float64)
+    new = _rescale_channels(model, "0", "2", r)
+    assert fv.reparam.max_output_change(model, new, X) < 1e-12  # the same function
+    for method in ("closed_form", "exact"):
+        before = fv.relative_flatness(model, images, "0", method=method).value
+        after = fv.relative_flatness(new, images, "0", method=method).value
+        assert after == pytest.approx(before, rel=1e-9)
+    tr = fv.hessian_trace(model, images, params="0.weight").value
+    tr_new = fv.hessian_trace(new, images, params="0.weight").value
+    assert abs(tr_new / tr - 1) > 0.1
+    # the conv above sees its input channels rescaled (T2-like): its κ moves
+    k2 = fv.relative_flatness(model, images, "2").value
+    assert abs(fv.relative_flatness(new, images, "2").value / k2 - 1) > 0.1
+
+
+def test_channel_rescaling_into_a_flattened_linear(images):
+    X, _ = images
+    model = conv_net(X, seed=13, kernel_size=3, padding=1)  # conv "2" output: 2 x 6 x 6
+    r = torch.tensor([5.0, 0.2], dtype=torch.float64)
+    new = _rescale_channels(model, "2", "5", r, block=36)
+    assert fv.reparam.max_output_change(model, new, X) < 1e-12
+    before = fv.relative_flatness(model, images, "2").value
+    assert fv.relative_flatness(new, images, "2").value == pytest.approx(before, rel=1e-9)
+    tr = fv.hessian_trace(model, images, params="2.weight").value
+    assert abs(fv.hessian_trace(new, images, params="2.weight").value / tr - 1) > 0.1
+
+
+def test_layerwise_rescaling_leaves_kappa_unchanged(images):
+    X, _ = images
+    model = conv_net(X, seed=14, kernel_size=3, padding=1)
+    alpha = 7.0
+    new = _rescale_channels(model, "0", "2", torch.full((3,), alpha, dtype=torch.float64))
+    assert fv.reparam.max_output_change(model, new, X) < 1e-12
+    before = fv.relative_flatness(model, images, "2")
+    after = fv.relative_flatness(new, images, "2")
+    assert after.value == pytest.approx(before.value, rel=1e-9)
+    tr = fv.hessian_trace(model, images, params="2.weight").value
+    tr_new = fv.hessian_trace(new, images, params="2.weight").value
+    assert tr_new == pytest.approx(alpha**2 * tr, rel=1e-9)  # H_W x α² (MATH.md T1)
