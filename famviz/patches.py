@@ -21,8 +21,10 @@ layer is the output layer, or only piecewise-linear modules follow it),
     \qquad A_{cn} = \sum_p \delta_{cn,\cdot p}\, \phi_{n,p}^\top \in \mathbb R^{d\times m},
 
 cross-position terms :math:`p \neq q` included (docs/conv.md). :math:`A_{cn}` is the weight
-gradient of sample :math:`n` for the backpropagated factor column :math:`c`; forming it costs
-:math:`C\,P\,d\,m` per sample instead of the :math:`P^2` Gram of the patches.
+gradient of sample :math:`n` for the backpropagated factor column :math:`c`. Where there are
+fewer positions :math:`P` than patch entries :math:`m` (deep layers), :math:`A_{cn}A_{cn}^\top =
+\delta_{cn} K_n \delta_{cn}^\top` with the :math:`P\times P` Gram :math:`K_n` of the patches
+is cheaper, and is used.
 """
 
 from __future__ import annotations
@@ -129,9 +131,19 @@ def closed_form(obj: Objective, layer: str, want_blocks: bool) -> tuple[Tensor, 
         delta = _outputs_by_position(module, g.detach())  # (C, N, P, d)
         phi = patches(module, cap[layer]["phi"].detach())  # (N, P, m)
         C, P = delta.shape[0], delta.shape[2]
-        step = max(1, MAX_FACTOR_ENTRIES // max(1, C * d * max(m, P)))
+        # A_cn A_cn^T = delta_cn K_n delta_cn^T with K_n = Phi_n Phi_n^T (P x P): cheaper when
+        # there are fewer positions than patch entries (deep layers); the blocks need A itself
+        gram = not want_blocks and d * P * P + d * d * P < d * P * m + d * d * m
+        width = P if gram else m
+        step = max(1, MAX_FACTOR_ENTRIES // max(1, C * d * max(width, P)))
         for i in range(0, len(X), step):
-            A = torch.einsum("cnpd,npm->dcnm", delta[:, i:i + step], phi[i:i + step])
+            dl, ph = delta[:, i:i + step], phi[i:i + step]
+            if gram:
+                K = ph @ ph.transpose(1, 2)  # (n, P, P)
+                DK = torch.einsum("cnpd,npq->dcnq", dl, K).reshape(d, -1)
+                T += DK @ dl.permute(3, 0, 1, 2).reshape(d, -1).T
+                continue
+            A = torch.einsum("cnpd,npm->dcnm", dl, ph)
             A2 = A.reshape(d, -1)
             T += A2 @ A2.T
             if want_blocks:
