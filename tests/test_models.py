@@ -54,7 +54,7 @@ def test_resnet_bad_arguments(kwargs, fragment):
 
 
 def test_kappa_of_resnet_layers_against_the_oracle():
-    net = fv.models.resnet((1,), (4,), num_classes=3, seed=1).double()
+    net = fv.models.resnet((1, 1), (4, 4), num_classes=3, seed=1).double()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # BatchNorm statistics that are not the identity
         for m in net.modules():
@@ -63,7 +63,12 @@ def test_kappa_of_resnet_layers_against_the_oracle():
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     X = torch.randn(6, 3, 6, 6, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (6,), generator=g)
-    for layer, method in (("conv1", "exact"), ("layer1.0.conv2", "exact"), ("fc", "closed_form")):
+    for layer in ("conv1", "layer1.0.conv2", "layer2.0.shortcut.conv", "fc"):
         kappa, _ = relative_flatness_bruteforce(net, (X, y), layer)
+        # every layer of a ReLU ResNet is followed by piecewise-linear operations only
         r = fv.relative_flatness(net, (X, y), layer)
-        assert r.method == method and r.value == pytest.approx(kappa, rel=1e-5)
+        assert r.method == "closed_form" and r.num_hvps == 0
+        assert r.value == pytest.approx(kappa, rel=1e-5)
+    # batch statistics are not linear in the layer's output: HVPs, and the same oracle value
+    r = fv.relative_flatness(net, (X, y), "layer1.0.conv2", bn="train")
+    assert r.method == "exact"

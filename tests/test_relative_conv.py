@@ -9,6 +9,7 @@ from torch import nn
 import famviz as fv
 from famviz.measures import relative
 from famviz.oracles import dense_hessian, relative_flatness_bruteforce
+from famviz.piecewise import piecewise_linear_graph
 
 RTOL = 1e-5
 
@@ -201,7 +202,7 @@ def test_linear_on_sequences_as_output_layer_with_mse(tokens):
 def test_linear_on_sequences_in_a_custom_module(tokens):
     relu = _init(MeanPool(nn.ReLU), 10).double()
     tanh = _init(MeanPool(nn.Tanh), 10).double()
-    for model, method in ((relu, "exact"), (tanh, "exact")):  # not a Sequential: no closed form
+    for model, method in ((relu, "closed_form"), (tanh, "exact")):  # fx proves ReLU's case
         kappa, _ = relative_flatness_bruteforce(model, tokens, "token")
         r = fv.relative_flatness(model, tokens, "token")
         assert r.method == method and r.value == pytest.approx(kappa, rel=RTOL)
@@ -283,3 +284,52 @@ def test_layerwise_rescaling_leaves_kappa_unchanged(images):
     tr = fv.hessian_trace(model, images, params="2.weight").value
     tr_new = fv.hessian_trace(new, images, params="2.weight").value
     assert tr_new == pytest.approx(alpha**2 * tr, rel=1e-9)  # H_W x α² (MATH.md T1)
+
+
+# ------------------------------------------------------------ closed form from the fx graph
+
+
+class Head(nn.Module):
+    """conv -> ReLU -> then ``how`` -> mean over positions -> Linear."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        z = torch.relu(self.conv(x))
+        if self.how == "scaled":  # by a factor that depends on the input only: linear in z
+            z = z * x.abs().mean() / 3.0 + x[:, :1]
+        elif self.how == "gated":
+            z = z * torch.sigmoid(z)
+        elif self.how == "inverse":
+            z = 1.0 / (1.0 + z)
+        elif self.how == "branch":
+            if x.sum() > 0:
+                z = z + 1
+        return self.fc(z.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("how, closed", [("scaled", True), ("gated", False),
+                                         ("inverse", False), ("branch", False)])
+def test_closed_form_where_the_graph_proves_it(images, how, closed):
+    model = _init(Head(how), 15).double()
+    assert piecewise_linear_graph(model, "conv") is closed
+    kappa, _ = relative_flatness_bruteforce(model, images, "conv")
+    r = fv.relative_flatness(model, images, "conv")
+    assert r.method == ("closed_form" if closed else "exact")
+    assert r.value == pytest.approx(kappa, rel=RTOL)
+
+
+def test_the_graph_check_refuses_hooks_and_train_mode_batchnorm():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(75, 3))
+    check = piecewise_linear_graph
+    assert check(model, "0") and check(model, "0", bn="eval") and not check(model, "0", bn="train")
+    assert check(model, "4")
+    handle = model[2].register_forward_hook(lambda m, i, o: o * o)
+    assert not check(model, "0")
+    handle.remove()
+    assert not check(model, "missing")  # an unknown name is never proven

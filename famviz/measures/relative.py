@@ -42,6 +42,7 @@ from ..objective import (
     resolve_params,
     shared_names,
 )
+from ..piecewise import piecewise_linear_graph
 from ..patches import LAYER_TYPES, check_layer, shares_positions, weight_shape
 from ..patches import closed_form as _shared_closed_form
 from ._base import check_count
@@ -201,9 +202,11 @@ def relative_flatness(
 
     Methods:
         * ``"closed_form"``: cross-entropy or MSE when the layer is the model's output layer or
-          only piecewise-linear modules follow it in an ``nn.Sequential`` (ReLU, LeakyReLU,
-          pooling, Flatten, Linear, Conv2d, ...): then the layer's Hessian equals its
-          Gauss-Newton block and T costs one forward and C batched backward passes, no HVP.
+          only piecewise-linear operations follow it — in an ``nn.Sequential`` (ReLU,
+          LeakyReLU, pooling, Flatten, Linear, Conv2d, ...) or, read off the torch.fx graph,
+          in any traceable model (residual additions, BatchNorm with running statistics:
+          every layer of a ReLU ResNet): then the layer's Hessian equals its Gauss-Newton
+          block and T costs one forward and C batched backward passes, no HVP.
         * ``"exact"``: T from the d·m Hessian-vector products :math:`He_{s,k}` — any loss, any
           Linear layer.
         * ``"hutchinson"``: T estimated from ``probes`` probes shared across rows (d HVPs each),
@@ -273,13 +276,14 @@ def relative_flatness(
 
     closed_ok = obj.loss_name in LOSSES and not shared_names(model) and (
         piecewise_linear_after(model, layer, bn) or _is_output_layer(obj, layer)
+        or piecewise_linear_graph(obj.model, layer, bn)
     )
     if method == "closed_form" and not closed_ok:
         raise ValueError(
             f"no closed form for layer {layer!r} here: it needs loss 'cross_entropy' or 'mse' "
-            "and the layer to be the output layer or followed only by piecewise-linear modules "
-            "in an nn.Sequential, with no module or parameter used twice; use method='exact' or "
-            "'hutchinson'"
+            "and the layer to be the output layer or followed only by piecewise-linear "
+            "operations (an nn.Sequential, or a model torch.fx can trace, without hooks), with "
+            "no module or parameter used twice; use method='exact' or 'hutchinson'"
         )
     if method == "auto":
         method = ("closed_form" if closed_ok
