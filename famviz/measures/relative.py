@@ -167,6 +167,13 @@ def _is_output_layer(obj: Objective, layer: str) -> bool:
     return cap[layer]["z"] is out
 
 
+def _traced_piecewise_linear(obj: Objective, layer: str) -> bool:
+    """The fx-graph check, traced in the modes the evaluations run in (a forward may branch
+    on ``self.training``)."""
+    with obj.modes():
+        return piecewise_linear_graph(obj.model, layer, obj.bn)
+
+
 def relative_flatness(
     model: nn.Module,
     data,
@@ -276,7 +283,7 @@ def relative_flatness(
 
     closed_ok = obj.loss_name in LOSSES and not shared_names(model) and (
         piecewise_linear_after(model, layer, bn) or _is_output_layer(obj, layer)
-        or piecewise_linear_graph(obj.model, layer, bn)
+        or _traced_piecewise_linear(obj, layer)
     )
     if method == "closed_form" and not closed_ok:
         raise ValueError(
