@@ -337,3 +337,21 @@ def test_the_graph_check_refuses_hooks_and_train_mode_batchnorm():
     assert not check(model, "0")
     handle.remove()
     assert not check(model, "missing")  # an unknown name is never proven
+
+
+def test_reparam_channel_rescalings_of_the_digits_cnn(digits_small):
+    """fv.reparam on conv -> ReLU -> max-pool -> conv -> ReLU -> flatten -> Linear."""
+    X, y = digits_small
+    data = (X[:40], y[:40])
+    model = fv.models.cnn(channels=(2, 3), hidden=6, num_classes=5, seed=0).double()
+    t3 = fv.reparam.scale_neurons(model, "conv1", "conv2", [8.0, 0.125])
+    t3b = fv.reparam.scale_neurons(model, "conv2", "fc1", [0.1, 3.0, 10.0])
+    t1 = fv.reparam.scale_layers(model, "conv1", "conv2", 6.0)
+    for layer, new in (("conv1", t3), ("conv2", t3b), ("conv2", t1)):
+        assert fv.reparam.max_output_change(model, new, data[0]) < 1e-12
+        before = fv.relative_flatness(model, data, layer)
+        after = fv.relative_flatness(new, data, layer)
+        assert before.method == after.method == "closed_form"
+        assert after.value == pytest.approx(before.value, rel=1e-9)
+        tr = fv.hessian_trace(model, data, params=f"{layer}.weight").value
+        assert abs(fv.hessian_trace(new, data, params=f"{layer}.weight").value / tr - 1) > 0.1
