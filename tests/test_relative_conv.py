@@ -214,12 +214,38 @@ def test_auto_on_a_wide_layer_stays_within_its_hvp_budget():
     y = torch.randint(0, 3, (4,), generator=g)
     model = _init(MeanPool(nn.Tanh, hidden=72, features=64), 11).double()  # d*m = 4608
     r = fv.relative_flatness(model, (X, y), "token", seed=0)
-    assert r.method == "hutchinson"
-    assert r.num_hvps <= relative.AUTO_HUTCHINSON_MAX_HVPS and r.num_hvps == 72 * 14
-    assert r.stderr > 0
-    # an explicit probe count is honoured
-    r2 = fv.relative_flatness(model, (X, y), "token", probes=2, seed=0)
-    assert r2.num_hvps == 2 * 72
+    assert r.method == "hutchinson_kappa" and r.num_hvps == relative.DEFAULT_PROBES
+    assert r.stderr > 0 and r.seed == 0
+    r2 = fv.relative_flatness(model, (X, y), "token", probes=3, seed=0)
+    assert r2.num_hvps == 3
+
+
+@pytest.mark.parametrize("shape", ["d < m", "d > m"])
+def test_hutchinson_kappa_converges_with_covering_stderr(images, shape):
+    X, y = images
+    if shape == "d < m":  # conv "0": W is 3 x 18, W W^T invertible: T itself is estimated
+        model, layer = conv_net(X, seed=16, kernel_size=3, padding=1), "0"
+    else:  # 12 x 5: T only on the span of W W^T
+        model = _init(nn.Sequential(nn.Flatten(), nn.Linear(98, 5), nn.ReLU(),
+                                    nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3)), 16).double()
+        layer = "3"
+    exact = fv.relative_flatness(model, images, layer, method="exact")
+    r = fv.relative_flatness(model, images, layer, method="hutchinson_kappa", probes=3000,
+                             seed=1)
+    assert r.num_hvps == 3000 and r.seed == 1 and r.method == "hutchinson_kappa"
+    assert abs(r.value - exact.value) <= 4 * r.stderr
+    assert abs(r.value - exact.value) <= 0.05 * exact.value
+    W = model.get_submodule(layer).weight.detach().reshape(len(r.block_traces), -1)
+    assert float(((W @ W.T).numpy() * r.block_traces).sum()) == pytest.approx(r.value, rel=1e-8)
+    if shape == "d < m":
+        scale = np.abs(exact.block_traces).max()
+        assert np.abs(r.block_traces - exact.block_traces).max() < 0.2 * scale
+    again = fv.relative_flatness(model, images, layer, method="hutchinson_kappa", probes=3000,
+                                 seed=1)
+    assert again.value == r.value
+    with pytest.raises(ValueError, match="neuronwise_max"):
+        fv.relative_flatness(model, images, layer, method="hutchinson_kappa",
+                             variant="neuronwise_max")
 
 
 # ---------------------------------------------------------------------------------- invariances

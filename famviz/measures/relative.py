@@ -55,18 +55,17 @@ __all__ = [
     "NORMALIZATIONS",
 ]
 
-METHODS = ("auto", "closed_form", "exact", "hutchinson")
+METHODS = ("auto", "closed_form", "exact", "hutchinson", "hutchinson_kappa")
 #: "kappa": the paper's measure; "neuronwise_max": sum_s ||w_s||^2 lambda_max(H_ss)
 VARIANTS = ("kappa", "neuronwise_max")
 #: None: the paper's unnormalized kappa; "m": divided by the number of input features
 NORMALIZATIONS = (None, "m")
 #: with method="auto", exact block traces from HVPs are used up to this many (= d*m) HVPs
 AUTO_EXACT_MAX_HVPS = 4096
-#: default number of Hutchinson probes (each costs d HVPs)
+#: default number of Hutchinson probes (each costs d HVPs; one with "hutchinson_kappa")
 DEFAULT_PROBES = 64
-#: with method="auto" and no ``probes``, Hutchinson takes at most this many HVPs (and at least
-#: 2 probes): a wide layer gets fewer probes, and a larger standard error, not hours of HVPs
-AUTO_HUTCHINSON_MAX_HVPS = 1024
+#: "hutchinson_kappa" forms its probe vectors in chunks of at most this many entries
+PROBE_CHUNK_ENTRIES = 2**22
 
 
 @dataclass(frozen=True)
@@ -76,10 +75,12 @@ class RelativeFlatnessResult:
     Attributes:
         value: κ, the headline number.
         block_traces: the d×d matrix :math:`T_{ss'} = \\mathrm{Tr}(H_{s,s'})` (an estimate for
-            Hutchinson), as float64 numpy.
+            Hutchinson; for ``"hutchinson_kappa"`` an estimate of :math:`TP`, P the projection
+            onto the span of :math:`WW^\\top`, which is T when W has full row rank), as float64
+            numpy.
         layer: module name of the feature layer; ``shape`` its weight as a matrix (d, m)
             (a Conv2d's (out_channels, in_channels·kh·kw)).
-        method: ``"closed_form"``, ``"exact"`` or ``"hutchinson"``.
+        method: ``"closed_form"``, ``"exact"``, ``"hutchinson"`` or ``"hutchinson_kappa"``.
         variant, normalize, normalize_features: the options used.
         stderr: standard error for Hutchinson, else 0.0.
         num_hvps: Hessian-vector products used (0 for the closed form).
@@ -156,6 +157,44 @@ def _hutchinson(op: HessianOperator, d: int, m: int, probes: int, seed: int, M: 
     return Ts.mean(dim=0), stderr
 
 
+def _hutchinson_kappa(op: HessianOperator, W: torch.Tensor, M: torch.Tensor, probes: int,
+                      seed: int):
+    """κ itself by Hutchinson, one HVP per probe: with any L such that :math:`LL^\\top = M =
+    WW^\\top` (W itself when m < d, else :math:`M^{1/2}`) and Rademacher Z,
+
+    .. math::
+
+        \\kappa = \\sum_{s,s',k} M_{ss'} H_{(s,k),(s',k)}
+               = \\mathbb E\\,[\\,\\mathrm{vec}(LZ)^\\top H\\,\\mathrm{vec}(LZ)\\,],
+
+    the trace of :math:`(L\\otimes I)^\\top H (L\\otimes I)` — positive semi-definite where H
+    is, so each sample's relative spread is at most :math:`\\sqrt2`. With :math:`R = HV`,
+    :math:`\\mathbb E[RZ^\\top] = TL`, so :math:`\\hat T = \\overline{RZ^\\top}\\,L^+` estimates
+    :math:`TLL^+` (T when M is invertible) and :math:`\\langle M, \\hat T\\rangle = \\hat\\kappa`.
+    Returns T̂, the standard error and κ̂."""
+    d, m = W.shape
+    if m < d:
+        L = W
+    else:
+        evals, U = torch.linalg.eigh(M)
+        L = (U * evals.clamp_min(0).sqrt()) @ U.T
+    r = L.shape[1]
+    gen = generator(seed, op.device)
+    kappas, RZ = [], torch.zeros(d, r, dtype=op.dtype, device=op.device)
+    chunk = max(1, min(probes, PROBE_CHUNK_ENTRIES // (max(r, d) * m)))
+    for start in range(0, probes, chunk):
+        k = min(chunk, probes - start)
+        Z = rademacher((k, r, m), gen, op.device, op.dtype)
+        V = L @ Z  # (k, d, m)
+        R = op.matmat(V.reshape(k, d * m)).reshape(k, d, m)
+        kappas.append((V * R).sum(dim=(1, 2)))
+        RZ += torch.einsum("kdm,krm->dr", R, Z)
+    kappas = torch.cat(kappas)
+    stderr = float(kappas.std() / math.sqrt(probes)) if probes > 1 else float("nan")
+    T = (RZ / probes) @ torch.linalg.pinv(L)
+    return T, stderr, float(kappas.mean())
+
+
 def _is_output_layer(obj: Objective, layer: str) -> bool:
     """True when the layer's output is the model's output (and the layer runs once)."""
     X = obj.batches[0][0][:1]
@@ -218,9 +257,12 @@ def relative_flatness(
           Linear layer.
         * ``"hutchinson"``: T estimated from ``probes`` probes shared across rows (d HVPs each),
           with a standard error — for wide layers.
+        * ``"hutchinson_kappa"``: κ estimated directly, one HVP per probe (``probes`` HVPs
+          whatever d), with a standard error: :math:`\\kappa = \\mathbb E[v^\\top H v]` for
+          :math:`v = \\mathrm{vec}(LZ)`, :math:`LL^\\top = WW^\\top`, Z Rademacher; T is
+          estimated only on the span of :math:`WW^\\top` — for layers that are wide and deep.
         * ``"auto"``: closed form where it is exact, else exact up to
-          :data:`AUTO_EXACT_MAX_HVPS` HVPs, else Hutchinson; without ``probes``, with at most
-          :data:`AUTO_HUTCHINSON_MAX_HVPS` HVPs (at least 2 probes).
+          :data:`AUTO_EXACT_MAX_HVPS` HVPs, else ``"hutchinson_kappa"`` (``probes`` HVPs).
 
     Args:
         model: the network (never modified).
@@ -239,7 +281,7 @@ def relative_flatness(
             are constant on ``data`` (dead ReLUs, σ = 0) cannot be normalized, and their columns
             of W still count in κ: networks with such features are not identified. Linear
             layers fed by a Linear layer only.
-        probes: Hutchinson probes (default :data:`DEFAULT_PROBES`; see ``"auto"``).
+        probes: Hutchinson probes (default :data:`DEFAULT_PROBES`).
         seed: Hutchinson's seed (drawn and recorded if None).
         dtype, device, bn: evaluation dtype (float64 for exactness), device, BatchNorm policy.
 
@@ -257,7 +299,6 @@ def relative_flatness(
     check_option("method", method, METHODS)
     check_option("variant", variant, VARIANTS)
     seed = check_seed(seed)
-    auto_probes = probes is None
     probes = DEFAULT_PROBES if probes is None else check_count("probes", probes)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalize {normalize!r}; valid: None, 'm'")
@@ -294,10 +335,8 @@ def relative_flatness(
         )
     if method == "auto":
         method = ("closed_form" if closed_ok
-                  else "exact" if d * m <= AUTO_EXACT_MAX_HVPS else "hutchinson")
-        if method == "hutchinson" and auto_probes:
-            probes = max(2, min(DEFAULT_PROBES, AUTO_HUTCHINSON_MAX_HVPS // d))
-    if method == "hutchinson" and want_blocks:
+                  else "exact" if d * m <= AUTO_EXACT_MAX_HVPS else "hutchinson_kappa")
+    if method in ("hutchinson", "hutchinson_kappa") and want_blocks:
         raise ValueError("variant='neuronwise_max' needs the diagonal blocks H_ss: use method "
                          "'closed_form' or 'exact'")
 
@@ -310,16 +349,21 @@ def relative_flatness(
         T, blocks = _closed_form(obj, layer, want_blocks)
     else:
         op = HessianOperator(obj, [weight])
+        used_seed = None if method == "exact" else new_seed() if seed is None else seed
         if method == "exact":
             T, blocks = _exact(op, d, m, want_blocks)
-        else:
-            used_seed = new_seed() if seed is None else seed
+        elif method == "hutchinson":
             T, stderr = _hutchinson(op, d, m, probes, used_seed, M)
+            blocks = None
+        else:
+            T, stderr, estimate = _hutchinson_kappa(op, W, M, probes, used_seed)
             blocks = None
         num_hvps = op.num_hvps
     T = (T + T.T) / 2
 
-    if variant == "kappa":
+    if method == "hutchinson_kappa":
+        value = estimate  # = <M, T> up to rounding in the pseudo-inverse
+    elif variant == "kappa":
         value = float((M * T).sum())
     else:
         value = float((W.pow(2).sum(dim=1) * torch.linalg.eigvalsh(blocks)[:, -1]).sum())
