@@ -381,3 +381,24 @@ def test_reparam_channel_rescalings_of_the_digits_cnn(digits_small):
         assert after.value == pytest.approx(before.value, rel=1e-9)
         tr = fv.hessian_trace(model, data, params=f"{layer}.weight").value
         assert abs(fv.hessian_trace(new, data, params=f"{layer}.weight").value / tr - 1) > 0.1
+
+
+@pytest.mark.parametrize("method", ["closed_form", "exact", "hutchinson", "hutchinson_kappa"])
+def test_conv_measures_leave_the_caller_alone(images, method):
+    from helpers import assert_call_leaves_caller_alone
+
+    model = conv_net(images[0], seed=17, kernel_size=3, padding=1).train()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    model[2].register_forward_hook(lambda m, i, o: None)  # no-op hook: runs on the replica
+    assert_call_leaves_caller_alone(
+        lambda mod, data: fv.relative_flatness(mod, data, "0", method=method, probes=3, seed=0),
+        model, images)
+
+
+def test_conv_in_float32(images):
+    X, y = images
+    model = conv_net(X, seed=18, kernel_size=3, padding=1)
+    r64 = fv.relative_flatness(model, images, "0")
+    r32 = fv.relative_flatness(model.float(), (X.float(), y), "0")
+    assert r32.objective.dtype == "float32" and r32.method == "closed_form"
+    assert r32.value == pytest.approx(r64.value, rel=1e-4)
