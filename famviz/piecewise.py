@@ -86,7 +86,8 @@ def piecewise_linear_graph(model: nn.Module, layer: str, bn: str = "eval") -> bo
         return False
     modules = dict(model.named_modules())
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
-    direct = [n for n in graph.nodes if n.op == "get_attr" and str(n.target).startswith(layer + ".")]
+    direct = [n for n in graph.nodes
+              if n.op == "get_attr" and str(n.target).startswith(layer + ".")]
     if len(calls) != 1 or direct:
         return False
     dep = {calls[0]}

@@ -154,7 +154,8 @@ def _describe(node, modules: dict[str, nn.Module]) -> str:
     return f"{node.op} {node.target}"  # pragma: no cover - fx has no other ops
 
 
-def _is_homogeneous(node: fx.Node, modules: dict[str, nn.Module], channelwise: bool = False) -> bool:
+def _is_homogeneous(node: fx.Node, modules: dict[str, nn.Module],
+                    channelwise: bool = False) -> bool:
     if node.op == "call_module":
         allowed = HOMOGENEOUS_MODULES + (CHANNEL_HOMOGENEOUS_MODULES if channelwise else ())
         return isinstance(modules.get(node.target), allowed)

@@ -42,9 +42,9 @@ from ..objective import (
     resolve_params,
     shared_names,
 )
-from ..piecewise import piecewise_linear_graph
 from ..patches import LAYER_TYPES, check_layer, shares_positions, weight_shape
 from ..patches import closed_form as _shared_closed_form
+from ..piecewise import piecewise_linear_graph
 from ._base import check_count
 
 __all__ = [
@@ -254,7 +254,7 @@ def relative_flatness(
           every layer of a ReLU ResNet): then the layer's Hessian equals its Gauss-Newton
           block and T costs one forward and C batched backward passes, no HVP.
         * ``"exact"``: T from the d·m Hessian-vector products :math:`He_{s,k}` — any loss, any
-          Linear layer.
+          layer.
         * ``"hutchinson"``: T estimated from ``probes`` probes shared across rows (d HVPs each),
           with a standard error — for wide layers.
         * ``"hutchinson_kappa"``: κ estimated directly, one HVP per probe (``probes`` HVPs
