@@ -119,8 +119,16 @@ def closed_form(obj: Objective, layer: str, want_blocks: bool) -> tuple[Tensor, 
         with torch.no_grad():
             check_finite_loss(obj.loss_fn(out, y), "the loss on a batch of data")
         flat = out.detach().reshape(len(X), -1)  # mse on (N, ...) outputs: mean over all
-        S = loss_hessian_factor(obj.loss_name, flat)  # (C, N, outputs)
         z = cap[layer]["z"]
+        if z is out and obj.loss_name == "mse":
+            # G_n = (2/D) I: T = 2/(N D) sum_{n,p} |phi_np|^2 I, no factor columns needed
+            phi = patches(module, cap[layer]["phi"].detach()).reshape(-1, m)
+            scale = 2.0 / flat.shape[1]
+            T += torch.eye(d, dtype=T.dtype, device=T.device) * (scale * phi.pow(2).sum())
+            if want_blocks:
+                blocks += (scale * phi.T @ phi)[None]
+            continue
+        S = loss_hessian_factor(obj.loss_name, flat)  # (C, N, outputs)
         if z is out:
             g = S.reshape(S.shape[0], *out.shape)
         else:

@@ -402,3 +402,18 @@ def test_conv_in_float32(images):
     r32 = fv.relative_flatness(model.float(), (X.float(), y), "0")
     assert r32.objective.dtype == "float32" and r32.method == "closed_form"
     assert r32.value == pytest.approx(r64.value, rel=1e-4)
+
+
+def test_output_conv_mse_blocks_against_the_oracle(images):
+    """For an output conv under MSE the pull-back uses G = (2/D) I directly."""
+    X, _ = images
+    model = _init(nn.Sequential(nn.Conv2d(2, 3, 2, stride=2)).double(), 19)
+    Y = torch.randn(model(X).shape, generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64)
+    H, _ = dense_hessian(model, (X, Y), loss="mse", params="0.weight")
+    H = H.reshape(3, 8, 3, 8)
+    W = model[0].weight.detach().reshape(3, 8)
+    expected = sum(float(W[s].pow(2).sum() * torch.linalg.eigvalsh(H[s, :, s, :])[-1])
+                   for s in range(3))
+    r = fv.relative_flatness(model, (X, Y), "0", loss="mse", variant="neuronwise_max")
+    assert r.method == "closed_form" and r.value == pytest.approx(expected, rel=RTOL)
