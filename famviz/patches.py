@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .curvature import loss_hessian_factor
 from .objective import Objective, check_finite_loss
 
-__all__ = ["LAYER_TYPES", "check_layer", "weight_shape", "patches", "shares_positions",
+__all__ = ["LAYER_TYPES", "check_layer", "weight_shape", "patches", "per_sample_vectors",
            "closed_form"]
 
 #: layers relative flatness is defined for: a Linear (on (N, F) or (N, ..., F) inputs) and a
@@ -85,17 +85,16 @@ def _outputs_by_position(module: nn.Module, g: Tensor) -> Tensor:
     return g.reshape(C, N, -1, g.shape[-1])
 
 
-def shares_positions(obj: Objective, layer: str) -> bool:
-    """True when the layer applies its weight at several positions per sample (a Conv2d, or a
-    Linear whose inputs have more than two axes); one forward pass on one sample."""
-    module = obj.model.get_submodule(layer)
-    if isinstance(module, nn.Conv2d):
-        return True
+def per_sample_vectors(obj: Objective, layer: str) -> bool:
+    """True when a Linear layer sees (N, features) inputs and the model gives (N, outputs), the
+    case of :func:`famviz.curvature.linear_pullback`; False when the layer applies its weight
+    at several positions per sample (a Conv2d, a Linear on (N, ..., F) inputs) or the output
+    has more axes, which :func:`closed_form` handles. One forward pass on one sample."""
+    if isinstance(obj.model.get_submodule(layer), nn.Conv2d):
+        return False
     with torch.no_grad(), obj.capture([layer]) as cap:
-        obj.forward({}, obj.batches[0][0][:1])
-    if "phi" not in cap[layer]:
-        raise ValueError(f"layer {layer!r} is not called in the model's forward pass")
-    return cap[layer]["phi"].ndim > 2
+        out = obj.forward({}, obj.batches[0][0][:1])
+    return out.ndim == 2 and cap[layer].get("phi", out).ndim == 2
 
 
 def closed_form(obj: Objective, layer: str, want_blocks: bool) -> tuple[Tensor, Tensor | None]:

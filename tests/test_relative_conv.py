@@ -417,3 +417,16 @@ def test_output_conv_mse_blocks_against_the_oracle(images):
                    for s in range(3))
     r = fv.relative_flatness(model, (X, Y), "0", loss="mse", variant="neuronwise_max")
     assert r.method == "closed_form" and r.value == pytest.approx(expected, rel=RTOL)
+
+
+def test_linear_with_an_image_shaped_output_under_mse():
+    """(N, F) inputs, but the model's output is (N, 2, 3): the pull-back flattens it."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    Y = torch.randn(9, 2, 3, generator=g, dtype=torch.float64)
+    model = _init(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 6),
+                                nn.Unflatten(1, (2, 3))), 20).double()
+    for layer in ("0", "2"):
+        kappa, _ = relative_flatness_bruteforce(model, (X, Y), layer, loss="mse")
+        r = fv.relative_flatness(model, (X, Y), layer, loss="mse")
+        assert r.method == "closed_form" and r.value == pytest.approx(kappa, rel=RTOL)

@@ -42,7 +42,7 @@ from ..objective import (
     resolve_params,
     shared_names,
 )
-from ..patches import LAYER_TYPES, check_layer, shares_positions, weight_shape
+from ..patches import LAYER_TYPES, check_layer, per_sample_vectors, weight_shape
 from ..patches import closed_form as _shared_closed_form
 from ..piecewise import piecewise_linear_graph
 from ._base import check_count
@@ -343,10 +343,10 @@ def relative_flatness(
     W = obj.params[weight].reshape(d, m)
     M = W @ W.T
     stderr, num_hvps, used_seed = 0.0, 0, None
-    if method == "closed_form" and shares_positions(obj, layer):
-        T, blocks = _shared_closed_form(obj, layer, want_blocks)
-    elif method == "closed_form":
+    if method == "closed_form" and per_sample_vectors(obj, layer):
         T, blocks = _closed_form(obj, layer, want_blocks)
+    elif method == "closed_form":
+        T, blocks = _shared_closed_form(obj, layer, want_blocks)
     else:
         op = HessianOperator(obj, [weight])
         used_seed = None if method == "exact" else new_seed() if seed is None else seed
