@@ -13,6 +13,7 @@ False (the caller then uses Hessian-vector products), never a wrong True.
 
 from __future__ import annotations
 
+import builtins
 import operator
 
 import torch
@@ -47,6 +48,8 @@ _METHODS = frozenset({
 })
 #: tensor methods whose result does not depend on the values (shapes)
 _SHAPES = frozenset({"size", "dim"})
+#: attributes read with getattr (``z.shape[0]``) that do not depend on the values
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
 
 
 def _args(node: fx.Node) -> list:
@@ -95,7 +98,9 @@ def piecewise_linear_graph(model: nn.Module, layer: str, bn: str = "eval") -> bo
     for node in graph.nodes:
         if node in dep or not any(isinstance(a, fx.Node) and a in dep for a in _args(node)):
             continue
-        if node.op == "call_method" and node.target in _SHAPES:
+        if (node.op == "call_method" and node.target in _SHAPES) or (
+                node.op == "call_function" and node.target is builtins.getattr
+                and node.args[1] in _SHAPE_ATTRIBUTES):
             continue  # a shape, not a value of z
         if not _linear_step(node, dep, modules, bn):
             return False

@@ -337,12 +337,14 @@ class Head(nn.Module):
                 z = z + 1
         elif self.how == "eval only" and not self.training:  # famviz evaluates in eval mode
             z = z * torch.sigmoid(z)
+        elif self.how == "reshaped":  # shapes read off z are not values of z
+            z = z.reshape(z.shape[0], z.size(1), -1)[..., None]
         return self.fc(z.mean(dim=(2, 3)))
 
 
 @pytest.mark.parametrize("how, closed", [("scaled", True), ("gated", False),
                                          ("inverse", False), ("branch", False),
-                                         ("eval only", False)])
+                                         ("eval only", False), ("reshaped", True)])
 def test_closed_form_where_the_graph_proves_it(images, how, closed):
     model = _init(Head(how), 15).double().train()
     assert piecewise_linear_graph(model.eval(), "conv") is closed
