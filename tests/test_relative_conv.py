@@ -298,6 +298,21 @@ def test_channel_rescaling_into_a_flattened_linear(images):
     assert abs(fv.hessian_trace(new, images, params="2.weight").value / tr - 1) > 0.1
 
 
+def test_hutchinson_kappa_with_a_fixed_seed_is_invariant_too(images):
+    X, _ = images
+    model = conv_net(X, seed=21, kernel_size=3, padding=1)
+    t3 = _rescale_channels(model, "0", "2", torch.tensor([4.0, 0.25, 3.0], dtype=torch.float64))
+    t1 = _rescale_channels(model, "0", "2", torch.full((3,), 5.0, dtype=torch.float64))
+    opts = dict(method="hutchinson_kappa", probes=20, seed=3)
+    for layer, new in (("0", t3), ("2", t1)):
+        before = fv.relative_flatness(model, images, layer, **opts)
+        after = fv.relative_flatness(new, images, layer, **opts)
+        assert after.value == pytest.approx(before.value, rel=1e-9)
+        assert after.stderr == pytest.approx(before.stderr, rel=1e-9)
+    other = fv.relative_flatness(model, images, "2", method="hutchinson_kappa", probes=20, seed=4)
+    assert other.value != before.value  # the seed matters
+
+
 def test_layerwise_rescaling_leaves_kappa_unchanged(images):
     X, _ = images
     model = conv_net(X, seed=14, kernel_size=3, padding=1)
