@@ -102,7 +102,9 @@ def closed_form(obj: Objective, layer: str, want_blocks: bool) -> tuple[Tensor, 
     Gauss-Newton pull-back :math:`T = \\frac1N \\sum_{n,c} A_{cn} A_{cn}^\\top`.
 
     Exact only when the layer is the output layer or only piecewise-linear modules follow it,
-    with loss ``"cross_entropy"`` or ``"mse"`` (callers check).
+    with loss ``"cross_entropy"`` or ``"mse"`` (callers check). Memory: the backpropagated
+    factors of one batch, C × batch size × d × positions entries (C classes; for MSE on a
+    hidden layer, C = the outputs per sample) — pass large data as smaller batches.
     """
     module = obj.model.get_submodule(layer)
     d, m = weight_shape(module)
