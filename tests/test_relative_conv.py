@@ -19,6 +19,8 @@ CONVS = {
     "reflect padding": dict(kernel_size=3, padding=1, padding_mode="reflect"),
     "same, dilation 2": dict(kernel_size=3, padding="same", dilation=2),
     "valid, no bias": dict(kernel_size=2, bias=False),
+    "circular, stride (2, 1)": dict(kernel_size=3, stride=(2, 1), padding=(1, 2),
+                                    padding_mode="circular"),
 }
 
 
