@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["mlp", "cnn", "ACTIVATIONS"]
+__all__ = ["mlp", "cnn", "resnet", "BasicBlock", "ACTIVATIONS"]
 
 #: activation name -> module factory
 ACTIVATIONS = {
@@ -105,4 +105,90 @@ def cnn(channels: Sequence[int] = (8, 16), hidden: int = 64, num_classes: int = 
             ("act_fc", nn.ReLU()),
             ("fc2", nn.Linear(hidden, num_classes)),
         ]
+    return _init_(nn.Sequential(OrderedDict(body)), seed)
+
+
+class BasicBlock(nn.Module):
+    """The residual block of He et al. (2016): ``relu(bn2(conv2(relu(bn1(conv1(x))))) +
+    shortcut(x))``, two 3x3 convolutions without bias; the shortcut is the identity, or a 1x1
+    convolution with BatchNorm when the stride or the width changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu2 = nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(OrderedDict([
+                ("conv", nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)),
+                ("bn", nn.BatchNorm2d(c_out)),
+            ]))
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+def resnet(
+    blocks: Sequence[int] = (2, 2, 2, 2),
+    widths: Sequence[int] = (64, 128, 256, 512),
+    num_classes: int = 10,
+    in_channels: int = 3,
+    seed: int = 0,
+) -> nn.Sequential:
+    """A CIFAR-style ResNet (He et al. 2016) with BatchNorm, for 32x32 images (any size works:
+    the head pools adaptively).
+
+    ``conv1 (3x3, stride 1) -> bn1 -> relu -> layer1 ... layerK -> pool -> flatten -> fc``:
+    stage ``layer{i+1}`` holds ``blocks[i]`` :class:`BasicBlock` of width ``widths[i]``, the
+    first with stride 2 from the second stage on. The defaults are ResNet-18 for CIFAR-10
+    (11.2 M parameters); tests and tutorials use tiny ones such as ``resnet((1, 1), (4, 8))``.
+    Convolutions and the Linear head are initialized like PyTorch's default from ``seed``,
+    BatchNorm with weight 1 and bias 0; the global RNG is never touched.
+
+    Relative flatness applies to every Conv2d (e.g. ``"layer1.0.conv1"``) and to ``"fc"``.
+
+    Args:
+        blocks: BasicBlocks per stage, one positive count per stage.
+        widths: channels per stage, as many as ``blocks``.
+        num_classes: outputs of ``fc``.
+        in_channels: input channels (3 for RGB).
+        seed: initialization seed.
+
+    >>> import torch
+    >>> net = resnet((1, 1), (4, 8), num_classes=5, seed=0)
+    >>> net(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 5])
+    >>> sum(p.numel() for p in resnet().parameters())
+    11173962
+    """
+    blocks, widths = list(blocks), list(widths)
+    if not blocks or len(blocks) != len(widths):
+        raise ValueError(f"blocks and widths need one entry per stage (at least one), got "
+                         f"blocks={blocks}, widths={widths}")
+    for name, values in (("blocks", blocks), ("widths", widths)):
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ValueError(f"{name} must hold positive integers, got {values}")
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    with torch.random.fork_rng(devices=[]):  # the layers' own init draws from the global RNG
+        body: list[tuple[str, nn.Module]] = [
+            ("conv1", nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)),
+            ("bn1", nn.BatchNorm2d(widths[0])),
+            ("relu", nn.ReLU()),
+        ]
+        c_in = widths[0]
+        for i, (count, width) in enumerate(zip(blocks, widths)):
+            stage = [BasicBlock(c_in if j == 0 else width, width, 2 if i > 0 and j == 0 else 1)
+                     for j in range(count)]
+            body.append((f"layer{i + 1}", nn.Sequential(*stage)))
+            c_in = width
+        body += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+                 ("fc", nn.Linear(c_in, num_classes))]
     return _init_(nn.Sequential(OrderedDict(body)), seed)

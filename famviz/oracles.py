@@ -74,10 +74,15 @@ def block_traces(H_weight: Tensor, d: int, m: int) -> Tensor:
 def relative_flatness_bruteforce(model: nn.Module, data, layer: str, loss="cross_entropy",
                                  dtype=torch.float64) -> tuple[float, Tensor]:
     """:math:`\\kappa = \\sum_{s,s'} \\langle w_s, w_{s'}\\rangle \\mathrm{Tr}(H_{s,s'})` from
-    the dense Hessian of the layer's weight; returns ``(kappa, T)``."""
-    module = resolve_layer(model, layer, (nn.Linear,))
-    d, m = module.weight.shape
+    the dense Hessian of the layer's weight; returns ``(kappa, T)``.
+
+    For an ``nn.Conv2d`` the weight (d, c, kh, kw) is the matrix (d, c·kh·kw) whose rows are
+    the flattened filters; the dense Hessian in it holds every coupling between the positions
+    that share the filters."""
+    module = resolve_layer(model, layer, (nn.Linear, nn.Conv2d))
+    d = module.weight.shape[0]
+    m = module.weight[0].numel()
     H, _ = dense_hessian(model, data, loss, params=f"{layer}.weight", dtype=dtype)
     T = block_traces(H, d, m)
-    W = module.weight.detach().to(dtype)
+    W = module.weight.detach().to(dtype).reshape(d, m)
     return float(((W @ W.T) * T).sum()), T

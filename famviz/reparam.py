@@ -1,4 +1,5 @@
-r"""Function-preserving reparameterizations of ``nn.Linear`` layers, and an equivalence check.
+r"""Function-preserving reparameterizations of ``nn.Linear`` and ``nn.Conv2d`` layers, and an
+equivalence check.
 
 A ReLU network computes the same function after many different changes of its weights, because
 the ReLU is *positively homogeneous*: :math:`\mathrm{relu}(c\,u) = c\,\mathrm{relu}(u)` for every
@@ -11,7 +12,10 @@ This module makes the changes, so that a measure can be computed before and afte
 * :func:`scale_layers` (T1): the layer below (weight and bias) :math:`\times\alpha`, the next
   layer's weight :math:`\div\alpha`;
 * :func:`scale_neurons` (T2 for the upper layer, T3 for the lower one): row :math:`k` of a layer
-  and :math:`b_k` :math:`\times c_k`, column :math:`k` of the next layer :math:`\div c_k`;
+  and :math:`b_k` :math:`\times c_k`, column :math:`k` of the next layer :math:`\div c_k`; for a
+  Conv2d, output channel :math:`k` (its filter and bias) and the next layer's input channel
+  :math:`k` (a conv's ``weight[:, k]``, or the block of a Linear's columns that channel
+  :math:`k` becomes after ``Flatten``);
 * :func:`shift_logits` (T5): every row :math:`w_i \to w_i + v` of the output layer;
 * :func:`normalize_features`: the std canonical form, features scaled to unit std;
 * :func:`max_output_change`: the check that two models compute the same function.
@@ -25,7 +29,8 @@ Which layers may be paired is read off the model's ``torch.fx`` graph, so custom
 ``forward`` calls ``F.relu`` work as well as ``nn.Sequential``: the output of the first layer
 must reach the second layer through positively homogeneous operations only (see
 :data:`HOMOGENEOUS_MODULES`, :data:`HOMOGENEOUS_FUNCTIONS`, :data:`HOMOGENEOUS_METHODS`), and
-must be used nowhere else.
+must be used nowhere else. After a Conv2d, pooling (max, average, adaptive) may sit between
+too: it acts within each channel, and :math:`\max(c\,u) = c\max(u)` for :math:`c > 0`.
 
 References:
     L. Dinh, R. Pascanu, S. Bengio, Y. Bengio. *Sharp Minima Can Generalize For Deep Nets.*
@@ -94,6 +99,14 @@ HOMOGENEOUS_FUNCTIONS = frozenset(
 #: tensor methods (as recorded in an fx graph) that may sit between two rescaled layers
 HOMOGENEOUS_METHODS = frozenset({"relu", "relu_", "flatten"})
 
+#: after a Conv2d, also these: they pool within a channel, so a channel-wise factor commutes
+CHANNEL_HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveAvgPool2d,
+)
+
 _ALLOWED_TEXT = (
     "nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.Flatten, F.relu, torch.relu, "
     "F.leaky_relu, F.dropout, torch.flatten (and in-place variants)"
@@ -143,9 +156,11 @@ def _describe(node, modules: dict[str, nn.Module]) -> str:
     return f"{node.op} {node.target}"  # pragma: no cover - fx has no other ops
 
 
-def _is_homogeneous(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def _is_homogeneous(node: fx.Node, modules: dict[str, nn.Module],
+                    channelwise: bool = False) -> bool:
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), HOMOGENEOUS_MODULES)
+        allowed = HOMOGENEOUS_MODULES + (CHANNEL_HOMOGENEOUS_MODULES if channelwise else ())
+        return isinstance(modules.get(node.target), allowed)
     if node.op == "call_function":
         return node.target in HOMOGENEOUS_FUNCTIONS
     if node.op == "call_method":
@@ -180,10 +195,12 @@ def _call_node(graph: fx.Graph, name: str) -> fx.Node:
     return calls[0]
 
 
-def _check_path(graph: fx.Graph, modules: dict[str, nn.Module], first: str, second: str) -> None:
-    """Refuse unless ``first``'s output reaches ``second`` only through homogeneous ops."""
+def _check_path(graph: fx.Graph, modules: dict[str, nn.Module], first: str, second: str,
+                channelwise: bool = False) -> list[fx.Node]:
+    """Refuse unless ``first``'s output reaches ``second`` only through homogeneous ops (and,
+    with ``channelwise``, pooling); return the nodes in between."""
     a, b = _call_node(graph, first), _call_node(graph, second)
-    cur = a
+    cur, path = a, []
     while True:
         users = list(cur.users)
         if len(users) != 1:
@@ -195,14 +212,16 @@ def _check_path(graph: fx.Graph, modules: dict[str, nn.Module], first: str, seco
             )
         nxt = users[0]
         if nxt is b:
-            return
-        if not _is_homogeneous(nxt, modules) or nxt.all_input_nodes != [cur]:
+            return path
+        if not _is_homogeneous(nxt, modules, channelwise) or nxt.all_input_nodes != [cur]:
             raise ValueError(
                 f"layers {first!r} and {second!r} are not consecutive: after "
                 f"{_describe(cur, modules)} comes {_describe(nxt, modules)}, which is not a "
                 f"positively homogeneous operation on it alone. Only these may sit between the "
                 f"two layers: {_ALLOWED_TEXT}"
+                + (" and, after a Conv2d, pooling layers" if channelwise else "")
             )
+        path.append(nxt)
         cur = nxt
 
 
@@ -231,13 +250,28 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return resolve_layer(model, name, (nn.Linear,), unshared=True)
 
 
-def _pair(model: nn.Module, first: str, second: str) -> tuple[nn.Linear, nn.Linear]:
-    f, s = _linear(model, first), _linear(model, second)
+def _weight_layer(model: nn.Module, name: str) -> nn.Module:
+    """A Linear or a Conv2d with groups=1, used once."""
+    module = resolve_layer(model, name, (nn.Linear, nn.Conv2d), unshared=True)
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise ValueError(f"layer {name!r} is a Conv2d with groups={module.groups}; channel "
+                         "rescalings are implemented for groups=1")
+    return module
+
+
+def _pair(model: nn.Module, first: str, second: str):
+    """The two layers and the fx nodes between them, checked consecutive."""
+    f, s = _weight_layer(model, first), _weight_layer(model, second)
     if f is s:
         raise ValueError(f"first and second must be two different layers, got {first!r} twice")
+    if isinstance(s, nn.Conv2d) and not isinstance(f, nn.Conv2d):
+        raise ValueError(f"layer {second!r} is a Conv2d fed by the Linear layer {first!r}; "
+                         "rescalings pair Linear -> Linear, Conv2d -> Conv2d and Conv2d -> "
+                         "(Flatten) -> Linear")
     modules = dict(model.named_modules())
-    _check_path(_trace(model), modules, first, second)
-    return f, s
+    path = _check_path(_trace(model), modules, first, second,
+                       channelwise=isinstance(f, nn.Conv2d))
+    return f, s, path
 
 
 def consecutive_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -264,7 +298,7 @@ def consecutive_pairs(model: nn.Module) -> list[tuple[str, str]]:
         second = str(node.target)
         try:
             first = _layer_below(graph, modules, second)
-            _linear(model, first)
+            _linear(model, first)  # the pairs the dashboards rescale: Linear layers
             _linear(model, second)
         except ValueError:  # not fed by a Linear layer through homogeneous ops, or shared
             continue
@@ -349,19 +383,24 @@ def _assign(p: Tensor, value: Tensor) -> None:
     p.copy_(value.to(dtype=p.dtype))
 
 
-def _rescale_neurons(first: nn.Linear, second: nn.Linear, s: Tensor, *, divide_rows: bool) -> None:
-    """Rows of ``first`` (and its bias) times ``s`` and columns of ``second`` divided by ``s``
-    (or the other way round with ``divide_rows``), computed in float64."""
+def _rescale_neurons(first: nn.Module, second: nn.Module, s: Tensor, *, divide_rows: bool,
+                     block: int = 1) -> None:
+    """Rows (output channels) of ``first`` (and its bias) times ``s`` and the matching inputs
+    of ``second`` divided by ``s`` (or the other way round with ``divide_rows``), in float64:
+    columns of a Linear (``block`` consecutive ones per channel after a Flatten), input
+    channels of a Conv2d."""
     s = s.to(device=first.weight.device)
     with torch.no_grad():
         w = first.weight.double()
-        _assign(first.weight, w / s[:, None] if divide_rows else w * s[:, None])
+        rows = s.reshape(-1, *[1] * (w.ndim - 1))
+        _assign(first.weight, w / rows if divide_rows else w * rows)
         if first.bias is not None:
             b = first.bias.double()
             _assign(first.bias, b / s if divide_rows else b * s)
-        s2 = s.to(device=second.weight.device)
+        s2 = s.to(device=second.weight.device).repeat_interleave(block)
         w2 = second.weight.double()
-        _assign(second.weight, w2 * s2[None, :] if divide_rows else w2 / s2[None, :])
+        cols = s2.reshape(1, -1, *[1] * (w2.ndim - 2))
+        _assign(second.weight, w2 * cols if divide_rows else w2 / cols)
 
 
 def _check_widths(first: nn.Linear, second: nn.Linear, a: str, b: str) -> None:
@@ -370,6 +409,44 @@ def _check_widths(first: nn.Linear, second: nn.Linear, a: str, b: str) -> None:
             f"layer {a!r} has {first.out_features} outputs but {b!r} has {second.in_features} "
             "inputs; per-neuron rescaling needs them to match neuron for neuron"
         )
+
+
+def _flattens_channels(node: fx.Node, modules: dict[str, nn.Module]) -> bool | None:
+    """True for a flatten from axis 1 on (channel-major), False for another flatten, None for
+    an operation that is not a flatten."""
+    if node.op == "call_module" and isinstance(modules.get(node.target), nn.Flatten):
+        m = modules[node.target]
+        return m.start_dim == 1 and m.end_dim == -1
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+            node.op == "call_method" and node.target == "flatten"):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+    return None
+
+
+def _channel_block(first, second, a: str, b: str, path: list[fx.Node], modules) -> int:
+    """How many inputs of ``second`` each output neuron or channel of ``first`` feeds (1, or
+    H·W for Conv2d -> Flatten -> Linear), checked."""
+    if isinstance(first, nn.Linear):
+        _check_widths(first, second, a, b)
+        return 1
+    flattens = [f for f in (_flattens_channels(n, modules) for n in path) if f is not None]
+    c = first.out_channels
+    if isinstance(second, nn.Conv2d):
+        if flattens or second.in_channels != c:
+            raise ValueError(f"layer {a!r} has {c} output channels but {b!r} takes "
+                             f"{second.in_channels} input channels"
+                             + (" after a flatten" if flattens else "")
+                             + "; channel rescaling needs them to match channel for channel")
+        return 1
+    if flattens != [True] or second.in_features % c:
+        raise ValueError(
+            f"the Conv2d {a!r} feeds the Linear {b!r}: channel rescaling needs exactly one "
+            f"flatten from axis 1 (nn.Flatten(), torch.flatten(x, 1)) between them and "
+            f"{b!r}'s {second.in_features} inputs to be a multiple of the {c} channels"
+        )
+    return second.in_features // c
 
 
 # ------------------------------------------------------------------------------- public functions
@@ -392,17 +469,17 @@ def scale_layers(model: nn.Module, first: str, second: str, alpha) -> nn.Module:
 
     Args:
         model: any ``nn.Module`` traceable by ``torch.fx``; never modified.
-        first: name of the ``nn.Linear`` below (e.g. ``"0"``).
-        second: name of the ``nn.Linear`` fed by ``first`` through positively homogeneous
-            operations only (e.g. ``"2"``).
+        first: name of the ``nn.Linear`` or ``nn.Conv2d`` below (e.g. ``"0"``).
+        second: name of the ``nn.Linear`` or ``nn.Conv2d`` fed by ``first`` through positively
+            homogeneous operations only (e.g. ``"2"``; after a Conv2d, pooling too).
         alpha: finite factor > 0.
 
     Returns:
         A new model (deep copy) with the rescaled weights.
 
     Raises:
-        ValueError: unknown or non-Linear layer, layers not consecutive, model not traceable,
-            ``alpha`` not finite and positive.
+        ValueError: unknown layer or one of another type (or a grouped conv), layers not
+            consecutive, model not traceable, ``alpha`` not finite and positive.
 
     >>> import torch
     >>> from famviz.models import mlp
@@ -415,7 +492,7 @@ def scale_layers(model: nn.Module, first: str, second: str, alpha) -> nn.Module:
     True
     """
     a = _positive_scalar(alpha, "alpha")
-    _pair(model, first, second)
+    _pair(model, first, second)  # Linear or Conv2d layers; any channel layout: alpha is uniform
     new = _copy(model)
     modules = dict(new.named_modules())
     f, s = modules[first], modules[second]
@@ -443,10 +520,14 @@ def scale_neurons(model: nn.Module, first: str, second: str, scales) -> nn.Modul
 
     Args:
         model: any ``nn.Module`` traceable by ``torch.fx``; never modified.
-        first: name of the ``nn.Linear`` whose neurons (rows) are scaled.
-        second: name of the ``nn.Linear`` fed by ``first`` through positively homogeneous
-            operations only.
-        scales: 1-D tensor, array or sequence of ``first.out_features`` finite factors > 0.
+        first: name of the ``nn.Linear`` whose neurons (rows) are scaled, or of the
+            ``nn.Conv2d`` (``groups=1``) whose output channels (filters and biases) are.
+        second: name of the layer fed by ``first`` through positively homogeneous operations
+            only: a Linear after a Linear; after a Conv2d, a Conv2d (its input channels are
+            divided) or a Linear behind one ``Flatten`` from axis 1 (the block of
+            ``in_features / out_channels`` columns of channel k is divided by c_k).
+        scales: 1-D tensor, array or sequence of one finite factor > 0 per output neuron or
+            channel of ``first``.
 
     Returns:
         A new model (deep copy).
@@ -461,12 +542,12 @@ def scale_neurons(model: nn.Module, first: str, second: str, scales) -> nn.Modul
     >>> max_output_change(m, m2, X) < 1e-5
     True
     """
-    f, s = _pair(model, first, second)
-    _check_widths(f, s, first, second)
-    c = _scales(scales, f.out_features, first, f.weight.device)
+    f, s, path = _pair(model, first, second)
+    block = _channel_block(f, s, first, second, path, dict(model.named_modules()))
+    c = _scales(scales, f.weight.shape[0], first, f.weight.device)
     new = _copy(model)
     modules = dict(new.named_modules())
-    _rescale_neurons(modules[first], modules[second], c, divide_rows=False)
+    _rescale_neurons(modules[first], modules[second], c, divide_rows=False, block=block)
     return new
 
 

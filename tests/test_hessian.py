@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import famviz as fv
 from famviz.oracles import dense_hessian
@@ -148,3 +149,15 @@ def test_batched_and_looped_hvps_agree(relu_case, monkeypatch):
     monkeypatch.setattr(curv, "BATCHED_HVP_MAX_DIM", 4096)
     assert r.value == pytest.approx(
         fv.hessian_trace(model, data, method="hutchinson", probes=20, seed=0).value, rel=1e-10)
+
+
+def test_trace_of_a_linear_stack_on_token_inputs():
+    """A Linear on (N, T, F) shares its weight over tokens: no per-sample Gauss-Newton route,
+    the trace from HVPs equals the dense oracle's."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    X = torch.randn(12, 4, 5, generator=g, dtype=torch.float64)
+    Y = torch.randn(12, 4, 2, generator=g, dtype=torch.float64)
+    H, _ = dense_hessian(model, (X, Y), loss="mse")
+    r = fv.hessian_trace(model, (X, Y), loss="mse")
+    assert r.method == "exact" and r.value == pytest.approx(float(H.trace()), rel=1e-10)

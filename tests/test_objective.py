@@ -80,7 +80,7 @@ def test_unknown_layer_lists_valid_names(net_and_data):
 
 def test_unsupported_layer_type(net_and_data):
     model, data = net_and_data
-    with pytest.raises(ValueError, match="'1' is ReLU; only Linear layers are supported"):
+    with pytest.raises(ValueError, match="'1' is ReLU; only Linear/Conv2d layers are supported"):
         fv.relative_flatness(model, data, "1")
 
 

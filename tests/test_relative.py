@@ -185,13 +185,13 @@ def test_tanh_hidden_layer_is_not_closed_form(digits_small):
 def test_cnn_feature_layers(digits_small):
     X, y = digits_small
     model = fv.models.cnn(channels=(2, 3), hidden=6, num_classes=5, seed=0).double()
-    for layer in ("fc1", "fc2"):
+    for layer in ("conv1", "conv2", "fc1", "fc2"):  # convolutions: tests/test_relative_conv.py
         kappa, _ = relative_flatness_bruteforce(model, (X, y), layer)
         r = fv.relative_flatness(model, (X, y), layer)
         assert r.method == "closed_form"
         assert r.value == pytest.approx(kappa, rel=RTOL)
-    with pytest.raises(ValueError, match="only Linear layers are supported"):
-        fv.relative_flatness(model, (X, y), "conv1")
+    with pytest.raises(ValueError, match="only Linear/Conv2d layers are supported"):
+        fv.relative_flatness(model, (X, y), "pool")
 
 
 def test_batches_and_dataloader_give_the_full_data_loss(digits_small):

@@ -624,9 +624,12 @@ def test_identity_activation_is_fine():
 
 def test_non_linear_layer():
     model = cnn()
-    with pytest.raises(ValueError, match=r"'conv1' is Conv2d.*\['fc1', 'fc2'\]"):
+    valid = r"\['conv1', 'conv2', 'fc1', 'fc2'\]"
+    with pytest.raises(ValueError, match=r"'pool' is MaxPool2d.*" + valid):
+        scale_layers(model, "pool", "fc1", 2.0)
+    with pytest.raises(ValueError, match="not consecutive.*'conv2' \\(Conv2d\\)"):
         scale_layers(model, "conv1", "fc1", 2.0)
-    with pytest.raises(ValueError, match="Conv2d"):
+    with pytest.raises(ValueError, match="Conv2d fed by the Linear layer 'fc1'"):
         scale_neurons(model, "fc1", "conv2", [1.0] * 64)
     with pytest.raises(ValueError, match="Conv2d"):  # fc1's input comes from a conv
         normalize_features(model, "fc1", (torch.ones(3, 64), torch.zeros(3)))
@@ -740,3 +743,81 @@ def test_module_exports():
     for name in reparam.__all__:
         assert hasattr(reparam, name)
     assert MIN_FEATURE_STD > 0
+
+
+# ------------------------------------------------------------------------- Conv2d channels
+
+
+def _digits64(n=20):
+    return torch.rand(n, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def test_conv_channels_to_conv_through_relu_and_pooling():
+    model = cnn(channels=(3, 4), hidden=6, num_classes=5, seed=1).double()
+    c = torch.tensor([2.0, 0.5, 7.0], dtype=torch.float64)
+    new = scale_neurons(model, "conv1", "conv2", c)
+    assert max_output_change(model, new, _digits64()) < 1e-12
+    torch.testing.assert_close(new.conv1.weight, model.conv1.weight * c[:, None, None, None])
+    torch.testing.assert_close(new.conv1.bias, model.conv1.bias * c)
+    torch.testing.assert_close(new.conv2.weight, model.conv2.weight / c[None, :, None, None])
+    torch.testing.assert_close(new.conv2.bias, model.conv2.bias)
+    # a non-uniform factor that is not compensated changes the function: the check can fail
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.conv1.weight.mul_(c[:, None, None, None])
+    assert max_output_change(model, broken, _digits64()) > 1e-3
+
+
+def test_conv_channels_to_a_flattened_linear():
+    model = cnn(channels=(3, 4), hidden=6, num_classes=5, seed=2).double()  # conv2: 4 x 4 x 4
+    c = torch.tensor([3.0, 0.25, 1.0, 9.0], dtype=torch.float64)
+    new = scale_neurons(model, "conv2", "fc1", c)
+    assert max_output_change(model, new, _digits64()) < 1e-12
+    torch.testing.assert_close(new.fc1.weight, model.fc1.weight / c.repeat_interleave(16))
+
+
+def test_conv_layerwise():
+    model = cnn(channels=(3, 4), hidden=6, num_classes=5, seed=3).double()
+    for first, second in (("conv1", "conv2"), ("conv2", "fc1")):
+        new = scale_layers(model, first, second, 5.0)
+        assert max_output_change(model, new, _digits64()) < 1e-12
+        torch.testing.assert_close(new.get_submodule(second).weight,
+                                   model.get_submodule(second).weight / 5.0)
+
+
+class _ConvThen(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(16 if how == "flatten 2" else 48, 2)
+
+    def forward(self, x):
+        z = self.conv(x)
+        if self.how == "flatten 2":  # (N, 3, 16): positions of a Linear, not channels
+            return self.fc(torch.relu(z).flatten(2)).sum(1)
+        if self.how == "batchnorm":
+            return self.fc(torch.relu(self.bn(z)).flatten(1))
+        return self.fc(torch.relu(z).flatten(1))
+
+
+@pytest.mark.parametrize("how, fragment", [
+    ("flatten 2", "one\\s+flatten from axis 1"),
+    ("batchnorm", "BatchNorm2d"),
+])
+def test_conv_rescalings_refused(how, fragment):
+    model = _ConvThen(how).double()
+    model(torch.zeros(1, 2, 6, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=fragment):
+        scale_neurons(model, "conv", "fc", [1.0, 2.0, 3.0])
+
+
+def test_grouped_conv_and_linear_to_conv_refused():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(ValueError, match="groups=2"):
+        scale_neurons(model, "0", "2", [1.0] * 4)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Unflatten(1, (2, 2, 2)),
+                          nn.Conv2d(2, 2, 1))
+    with pytest.raises(ValueError, match="Conv2d fed by the Linear"):
+        scale_layers(model, "0", "3", 2.0)

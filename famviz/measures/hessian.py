@@ -152,6 +152,15 @@ def _gauss_newton_traces(obj: Objective, names: list[str], layers: list[str]) ->
     return {n: v / obj.num_samples for n, v in sums.items()}
 
 
+def _per_sample_vectors(obj: Objective, layers: list[str]) -> bool:
+    """True when every layer sees (N, features) inputs and the model gives (N, outputs): the
+    form the Gauss-Newton traces assume (a Linear on (N, T, F) tokens shares its weight over
+    positions, and its traces couple them); one forward pass on one sample."""
+    with torch.no_grad(), obj.capture(layers) as cap:
+        out = obj.forward({}, obj.batches[0][0][:1])
+    return out.ndim == 2 and all(c["phi"].ndim == 2 for c in cap.values() if "phi" in c)
+
+
 def hessian_trace(
     model,
     data,
@@ -206,7 +215,8 @@ def hessian_trace(
     obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
     info = obj.info()
     stack = piecewise_linear_stack(model) if obj.loss_name in LOSSES else None
-    gauss_newton = stack is not None and all(n.rsplit(".", 1)[0] in stack for n in names)
+    gauss_newton = (stack is not None and all(n.rsplit(".", 1)[0] in stack for n in names)
+                    and _per_sample_vectors(obj, stack))
     dim = sum(obj.params[n].numel() for n in names)
     if method == "auto":
         method = "exact" if gauss_newton or dim <= AUTO_EXACT_MAX_PARAMS else "hutchpp"

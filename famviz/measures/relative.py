@@ -41,6 +41,9 @@ from ..objective import (
     resolve_layer,
     resolve_params,
 )
+from ..patches import LAYER_TYPES, check_layer, per_sample_vectors, weight_shape
+from ..patches import closed_form as _shared_closed_form
+from ..piecewise import piecewise_linear_graph
 from ..replica import shared_names
 from ._base import check_count
 
@@ -52,27 +55,35 @@ __all__ = [
     "NORMALIZATIONS",
 ]
 
-METHODS = ("auto", "closed_form", "exact", "hutchinson")
+METHODS = ("auto", "closed_form", "exact", "hutchinson", "hutchinson_kappa")
 #: "kappa": the paper's measure; "neuronwise_max": sum_s ||w_s||^2 lambda_max(H_ss)
 VARIANTS = ("kappa", "neuronwise_max")
 #: None: the paper's unnormalized kappa; "m": divided by the number of input features
 NORMALIZATIONS = (None, "m")
 #: with method="auto", exact block traces from HVPs are used up to this many (= d*m) HVPs
 AUTO_EXACT_MAX_HVPS = 4096
-#: default number of Hutchinson probes (each costs d HVPs)
+#: default number of Hutchinson probes (each costs d HVPs; one with "hutchinson_kappa")
 DEFAULT_PROBES = 64
+#: "hutchinson_kappa" forms its probe vectors in chunks of at most this many entries
+PROBE_CHUNK_ENTRIES = 2**22
+#: rank of "hutchinson_kappa"'s random matrices Z = AB^T/sqrt(k): on a tanh MLP, rank 16 gave
+#: a spread per probe within 1.2x of a full Rademacher Z (docs/conv.md)
+PROBE_RANK = 32
 
 
 @dataclass(frozen=True)
 class RelativeFlatnessResult:
-    """κ of one Linear layer; ``float(result)`` is κ (÷ m when ``normalize="m"``).
+    """κ of one Linear or Conv2d layer; ``float(result)`` is κ (÷ m when ``normalize="m"``).
 
     Attributes:
         value: κ, the headline number.
         block_traces: the d×d matrix :math:`T_{ss'} = \\mathrm{Tr}(H_{s,s'})` (an estimate for
-            Hutchinson), as float64 numpy.
-        layer: module name of the feature layer; ``shape`` its weight shape (d, m).
-        method: ``"closed_form"``, ``"exact"`` or ``"hutchinson"``.
+            Hutchinson; for ``"hutchinson_kappa"`` an estimate of :math:`TP`, P the projection
+            onto the span of :math:`WW^\\top`, which is T when W has full row rank), as float64
+            numpy.
+        layer: module name of the feature layer; ``shape`` its weight as a matrix (d, m)
+            (a Conv2d's (out_channels, in_channels·kh·kw)).
+        method: ``"closed_form"``, ``"exact"``, ``"hutchinson"`` or ``"hutchinson_kappa"``.
         variant, normalize, normalize_features: the options used.
         stderr: standard error for Hutchinson, else 0.0.
         num_hvps: Hessian-vector products used (0 for the closed form).
@@ -153,6 +164,41 @@ def _hutchinson(op: HessianOperator, d: int, m: int, probes: int, seed: int, M: 
     return Ts.mean(dim=0), stderr
 
 
+def _hutchinson_kappa(op: HessianOperator, W: torch.Tensor, probes: int, seed: int):
+    """κ itself by Hutchinson, one HVP per probe: for a random m×m matrix Z with
+    :math:`\\mathbb E[Z_{jk}Z_{j'k'}] = \\delta_{jj'}\\delta_{kk'}` and V = WZ,
+
+    .. math::
+
+        \\kappa = \\sum_{s,s',k} \\langle w_s, w_{s'}\\rangle H_{(s,k),(s',k)}
+               = \\mathbb E\\,[\\,\\mathrm{vec}(V)^\\top H\\,\\mathrm{vec}(V)\\,],
+
+    the trace of :math:`(W\\otimes I)^\\top H (W\\otimes I)`, positive semi-definite where H is.
+    Z = AB^T/√k with Rademacher A, B (m×k, k = :data:`PROBE_RANK` at most) costs 2dmk per
+    probe. Since V moves with W, the estimate with a fixed seed is unchanged by T1, T3 and T5
+    exactly, as κ is. With R = HV, :math:`\\mathbb E[RZ^\\top] = TW`, so
+    :math:`\\hat T = \\overline{RZ^\\top}\\,W^+` estimates :math:`TWW^+` (T when W has full
+    row rank) and :math:`\\langle WW^\\top, \\hat T\\rangle = \\hat\\kappa`.
+    Returns T̂, the standard error and κ̂."""
+    d, m = W.shape
+    k = min(m, PROBE_RANK)
+    gen = generator(seed, op.device)
+    kappas, RZ = [], torch.zeros(d, m, dtype=op.dtype, device=op.device)
+    chunk = max(1, min(probes, PROBE_CHUNK_ENTRIES // (d * m)))
+    for start in range(0, probes, chunk):
+        n = min(chunk, probes - start)
+        A = rademacher((n, m, k), gen, op.device, op.dtype)
+        B = rademacher((n, m, k), gen, op.device, op.dtype) / math.sqrt(k)
+        V = (W @ A) @ B.transpose(1, 2)  # (n, d, m)
+        R = op.matmat(V.reshape(n, d * m)).reshape(n, d, m)
+        kappas.append((V * R).sum(dim=(1, 2)))
+        RZ += ((R @ B) @ A.transpose(1, 2)).sum(dim=0)  # sum of R Z^T
+    kappas = torch.cat(kappas)
+    stderr = float(kappas.std() / math.sqrt(probes)) if probes > 1 else float("nan")
+    T = (RZ / probes) @ torch.linalg.pinv(W)
+    return T, stderr, float(kappas.mean())
+
+
 def _is_output_layer(obj: Objective, layer: str) -> bool:
     """True when the layer's output is the model's output (and the layer runs once)."""
     X = obj.batches[0][0][:1]
@@ -162,6 +208,13 @@ def _is_output_layer(obj: Objective, layer: str) -> bool:
     except LayerReusedError:
         return False
     return cap[layer]["z"] is out
+
+
+def _traced_piecewise_linear(obj: Objective, layer: str) -> bool:
+    """The fx-graph check, traced in the modes the evaluations run in (a forward may branch
+    on ``self.training``)."""
+    with obj.modes():
+        return piecewise_linear_graph(obj.model, layer, obj.bn)
 
 
 def relative_flatness(
@@ -174,13 +227,14 @@ def relative_flatness(
     variant: str = "kappa",
     normalize: str | None = None,
     normalize_features: bool = False,
-    probes: int = DEFAULT_PROBES,
+    probes: int | None = None,
     seed: int | None = None,
     dtype: torch.dtype | None = None,
     device=None,
     bn: str = "eval",
 ) -> RelativeFlatnessResult:
-    """Relative flatness κ of the ``nn.Linear`` layer ``layer`` (Petzka et al. 2021).
+    """Relative flatness κ of the ``nn.Linear`` or ``nn.Conv2d`` layer ``layer`` (Petzka et
+    al. 2021).
 
     .. math::
 
@@ -189,34 +243,50 @@ def relative_flatness(
     With cross-entropy on the last layer :math:`\\kappa = \\frac1N\\sum_n \\|\\phi_n\\|^2
     \\mathrm{Var}_{i\\sim p_n}(w_i)` (MATH.md §1).
 
+    A Conv2d (``groups=1``; any stride, padding, padding mode, dilation) is a Linear map on
+    unfolded patches: :math:`W` is its weight reshaped to ``(out_channels,
+    in_channels·kh·kw)``, row :math:`w_s` the flattened filter of output channel :math:`s`, and
+    :math:`H` the Hessian of the mean loss in that weight, the couplings between the positions
+    that share it included. A Linear on ``(N, ..., F)`` inputs (tokens, sequences) is the same
+    with positions = the middle axes (docs/conv.md).
+
     Methods:
         * ``"closed_form"``: cross-entropy or MSE when the layer is the model's output layer or
-          only piecewise-linear modules follow it in an ``nn.Sequential`` (ReLU, LeakyReLU,
-          pooling, Linear, ...): then the layer's Hessian equals its Gauss-Newton block and T
-          costs one forward and C batched backward passes, no HVP.
+          only piecewise-linear operations follow it — in an ``nn.Sequential`` (ReLU,
+          LeakyReLU, pooling, Flatten, Linear, Conv2d, ...) or, read off the torch.fx graph,
+          in any traceable model (residual additions, BatchNorm with running statistics:
+          every layer of a ReLU ResNet): then the layer's Hessian equals its Gauss-Newton
+          block and T costs one forward and C batched backward passes, no HVP.
         * ``"exact"``: T from the d·m Hessian-vector products :math:`He_{s,k}` — any loss, any
-          Linear layer.
+          layer.
         * ``"hutchinson"``: T estimated from ``probes`` probes shared across rows (d HVPs each),
           with a standard error — for wide layers.
+        * ``"hutchinson_kappa"``: κ estimated directly, one HVP per probe (``probes`` HVPs
+          whatever d), with a standard error: :math:`\\kappa = \\mathbb E[v^\\top H v]` for
+          :math:`v = \\mathrm{vec}(WZ)` with a random Z; T is estimated only on the span of
+          :math:`WW^\\top`; a fixed seed gives the same estimate after T1, T3, T5 — for
+          layers that are wide and deep.
         * ``"auto"``: closed form where it is exact, else exact up to
-          :data:`AUTO_EXACT_MAX_HVPS` HVPs, else Hutchinson.
+          :data:`AUTO_EXACT_MAX_HVPS` HVPs, else ``"hutchinson_kappa"`` (``probes`` HVPs).
 
     Args:
         model: the network (never modified).
         data: ``(X, y)`` or an iterable of batches.
-        layer: module name of an ``nn.Linear`` layer (e.g. ``"4"``). Conv layers are refused:
-            relative flatness here is defined for Linear feature layers.
+        layer: module name of an ``nn.Linear`` (e.g. ``"4"``) or an ``nn.Conv2d`` with
+            ``groups=1`` (others are refused).
         loss: ``"cross_entropy"``, ``"mse"`` or a callable.
         method: see above.
         variant: ``"kappa"`` (default, the paper's measure) or ``"neuronwise_max"``:
             :math:`\\sum_s \\|w_s\\|^2 \\lambda_{\\max}(H_{s,s})` (not available with Hutchinson).
-        normalize: ``None`` (the paper's κ) or ``"m"`` (divide by the number of inputs m).
+        normalize: ``None`` (the paper's κ) or ``"m"`` (divide by the number of inputs m; a
+            Conv2d's in_channels·kh·kw).
         normalize_features: first bring the model to the std canonical form of MATH.md §2
             (:func:`famviz.reparam.normalize_features` on ``data``), which makes κ equal for
             networks that differ by a rescaling of the neurons below the layer. Features that
             are constant on ``data`` (dead ReLUs, σ = 0) cannot be normalized, and their columns
-            of W still count in κ: networks with such features are not identified.
-        probes: Hutchinson probes.
+            of W still count in κ: networks with such features are not identified. Linear
+            layers fed by a Linear layer only.
+        probes: Hutchinson probes (default :data:`DEFAULT_PROBES`).
         seed: Hutchinson's seed (drawn and recorded if None).
         dtype, device, bn: evaluation dtype (float64 for exactness), device, BatchNorm policy.
 
@@ -234,59 +304,71 @@ def relative_flatness(
     check_option("method", method, METHODS)
     check_option("variant", variant, VARIANTS)
     seed = check_seed(seed)
-    probes = check_count("probes", probes)
+    probes = DEFAULT_PROBES if probes is None else check_count("probes", probes)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalize {normalize!r}; valid: None, 'm'")
-    module = resolve_layer(model, layer, (nn.Linear,))
+    module = resolve_layer(model, layer, LAYER_TYPES)
+    check_layer(module, layer)
     if not isinstance(module.weight, nn.Parameter):
         raise ValueError(
             f"the weight of layer {layer!r} is computed, not a parameter (weight_norm or a "
             "parametrization); relative flatness needs the weight W itself as a parameter — "
             "remove the reparametrization first (e.g. torch.nn.utils.remove_weight_norm)"
         )
+    if normalize_features and isinstance(module, nn.Conv2d):
+        raise ValueError(f"normalize_features=True is implemented for Linear layers; layer "
+                         f"{layer!r} is a Conv2d: call without it")
     if normalize_features:
         from ..reparam import normalize_features as _canonical
 
         model = _canonical(model, layer, data)
     obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
-    d, m = module.weight.shape
+    d, m = weight_shape(module)
     weight = resolve_params(model, f"{layer}.weight")[0]  # a tied weight: its first name
     want_blocks = variant == "neuronwise_max"
 
     closed_ok = obj.loss_name in LOSSES and not shared_names(model) and (
         piecewise_linear_after(model, layer, bn) or _is_output_layer(obj, layer)
+        or _traced_piecewise_linear(obj, layer)
     )
     if method == "closed_form" and not closed_ok:
         raise ValueError(
             f"no closed form for layer {layer!r} here: it needs loss 'cross_entropy' or 'mse' "
-            "and the layer to be the output layer or followed only by piecewise-linear modules "
-            "in an nn.Sequential, with no module or parameter used twice; use method='exact' or "
-            "'hutchinson'"
+            "and the layer to be the output layer or followed only by piecewise-linear "
+            "operations (an nn.Sequential, or a model torch.fx can trace, without hooks), with "
+            "no module or parameter used twice; use method='exact' or 'hutchinson'"
         )
     if method == "auto":
         method = ("closed_form" if closed_ok
-                  else "exact" if d * m <= AUTO_EXACT_MAX_HVPS else "hutchinson")
-    if method == "hutchinson" and want_blocks:
+                  else "exact" if d * m <= AUTO_EXACT_MAX_HVPS else "hutchinson_kappa")
+    if method in ("hutchinson", "hutchinson_kappa") and want_blocks:
         raise ValueError("variant='neuronwise_max' needs the diagonal blocks H_ss: use method "
                          "'closed_form' or 'exact'")
 
-    W = obj.params[weight]
+    W = obj.params[weight].reshape(d, m)
     M = W @ W.T
     stderr, num_hvps, used_seed, kappa = 0.0, 0, None, None
-    if method == "closed_form":
-        T, kappa, blocks = _closed_form(obj, layer, want_blocks)
+    if method == "closed_form" and per_sample_vectors(obj, layer):
+        T, kappa, blocks = _closed_form(obj, layer, want_blocks)  # stable near zero loss
+    elif method == "closed_form":  # weights shared across positions (convolutions, sequences)
+        T, blocks = _shared_closed_form(obj, layer, want_blocks)
     else:
         op = HessianOperator(obj, [weight])
+        used_seed = None if method == "exact" else new_seed() if seed is None else seed
         if method == "exact":
             T, blocks = _exact(op, d, m, want_blocks)
-        else:
-            used_seed = new_seed() if seed is None else seed
+        elif method == "hutchinson":
             T, stderr = _hutchinson(op, d, m, probes, used_seed, M)
+            blocks = None
+        else:
+            T, stderr, estimate = _hutchinson_kappa(op, W, probes, used_seed)
             blocks = None
         num_hvps = op.num_hvps
     T = (T + T.T) / 2
 
-    if variant == "kappa":
+    if method == "hutchinson_kappa":
+        value = estimate  # = <M, T> up to rounding in the pseudo-inverse
+    elif variant == "kappa":
         value = float(kappa if kappa is not None else (M * T).sum())
     else:
         value = float((W.pow(2).sum(dim=1) * torch.linalg.eigvalsh(blocks)[:, -1]).sum())
