@@ -51,7 +51,6 @@ returns the trained copy with a :class:`History`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -885,14 +884,19 @@ def _evaluate(model: nn.Module, X: Tensor, y: Tensor, loss_fn) -> tuple[float, f
     return total / len(X), (correct / len(X) if classify else float("nan"))
 
 
-def _tensors(data, what: str, dtype, device) -> tuple[Tensor, Tensor]:
+def _tensors(data, what: str, dtype, device, loss_name: str) -> tuple[Tensor, Tensor]:
     batches = as_batches(data, dtype=dtype, device=device)
-    if len(batches) == 1:
-        return batches[0]
+    if not all(isinstance(X, Tensor) for X, _ in batches):
+        raise ValueError(f"{what}: train() takes one input tensor per batch; for positional or "
+                         "keyword inputs, add famviz.fam.penalty to your own training loop")
     try:
-        return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        X, y = (batches[0] if len(batches) == 1 else
+                (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])))
     except RuntimeError as exc:
         raise ValueError(f"the batches of {what} have inconsistent shapes: {exc}") from exc
+    if loss_name == "cross_entropy" and not y.is_floating_point():
+        y = y.long()  # class indices of any integer dtype (or bool)
+    return X, y
 
 
 def _private_randomness(net: nn.Module, X: Tensor, seed: int,
@@ -1054,26 +1058,34 @@ def train(
     if first is None:
         raise ValueError("the model has no parameters")
     dtype, device = first.dtype, first.device
-    X, y = _tensors(train_data, "train_data", dtype, device)
+    X, y = _tensors(train_data, "train_data", dtype, device, loss_name)
     if test_data is not None:
-        X_test, y_test = _tensors(test_data, "test_data", dtype, device)
+        X_test, y_test = _tensors(test_data, "test_data", dtype, device, loss_name)
     else:
         X_test, y_test = X[:0], y[:0]
+    if (len(X) % batch_size == 1 and len(X) > 1
+            and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())):
+        raise ValueError(
+            f"{len(X)} training samples in batches of {batch_size} leave a last batch of one "
+            "sample, which BatchNorm cannot normalize in training mode; choose a batch_size "
+            "that does not leave a remainder of 1"
+        )
 
-    net = copy.deepcopy(model)
-    for p in net.parameters():
-        p.grad = None
+    # the trained copy: a replica that owns its parameters and buffers (hooks kept)
+    net = replicate(model, {n: p.detach().clone() for n, p in model.named_parameters()},
+                    {n: b.detach().clone() for n, b in model.named_buffers()})
     modes = [m.training for m in net.modules()]
     with torch.no_grad(), _eval_modes(net):  # clear errors before any training
-        try:
-            out = net(X[:2])
-        except RuntimeError as exc:
-            raise ValueError(f"the model cannot evaluate inputs of shape "
-                             f"{tuple(X.shape[1:])} (per sample): {exc}") from exc
-        if loss_name in LOSSES:
-            check_targets(loss_name, tuple(out.shape), y)
-            if len(X_test):
-                check_targets(loss_name, tuple(out.shape), y_test)
+        for what, inputs in (("train_data", X), ("test_data", X_test)):
+            if not len(inputs):
+                continue
+            try:
+                out = net(inputs[:2])
+            except RuntimeError as exc:
+                raise ValueError(f"{what}: the model cannot evaluate inputs of shape "
+                                 f"{tuple(inputs.shape[1:])} (per sample): {exc}") from exc
+            if loss_name in LOSSES:
+                check_targets(loss_name, tuple(out.shape), y if what == "train_data" else y_test)
 
     step = make_step(net, method, lam=lam, rho=rho, lr=lr, momentum=momentum,
                      weight_decay=weight_decay, layer=layer_name, loss=loss, normalize=normalize,

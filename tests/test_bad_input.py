@@ -319,3 +319,19 @@ def test_penalty_takes_integer_labels_of_any_dtype(labels):
     model = good_model()
     assert float(fam.penalty(model, (X, Y.to(labels)), "2")) == \
         float(fam.penalty(model, (X, Y), "2"))
+
+
+def test_train_checks_test_data_and_labels_before_the_first_epoch():
+    model = good_model()
+    with pytest.raises(ValueError, match=r"test_data: the model cannot evaluate inputs of shape"):
+        fam.train(model, (X, Y), (X[:, :10], Y), epochs=50, progress=False)
+    _, h = fam.train(model, (X, Y.int()), epochs=1, seed=0, progress=False)
+    _, ref = fam.train(model, (X, Y), epochs=1, seed=0, progress=False)
+    assert h.train_loss == ref.train_loss
+
+
+def test_train_refuses_a_last_batchnorm_batch_of_one_sample():
+    model = nn.Sequential(nn.Linear(64, 6), nn.BatchNorm1d(6), nn.ReLU(),
+                          nn.Linear(6, 10)).double()
+    with pytest.raises(ValueError, match="last batch of one sample"):
+        fam.train(model, (X[:17], Y[:17]), batch_size=8, epochs=1, progress=False)
