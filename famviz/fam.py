@@ -68,7 +68,7 @@ from ._random import (
     seed_dropout,
     unseed_dropout,
 )
-from .curvature import new_seed, piecewise_linear_after
+from .curvature import laplacian, new_seed, piecewise_linear_after, softmax_coupling
 from .measures.relative import NORMALIZATIONS  # None: the paper's κ; "m": κ / inputs
 from .batches import OutputError, concat, describe, logits_of
 from .objective import (
@@ -355,10 +355,9 @@ def _traces(path: str, phi2: Tensor, z: Tensor, out: Tensor, y: Tensor, loss_nam
     (d×d, not yet symmetrized) and the number of extra backward passes. With ``exact=False``
     (and a detached ``phi2``) T carries no graph."""
     N, d = z.shape
-    if path == "softmax":  # T = 1/N sum_n ||phi_n||^2 (diag p_n - p_n p_n^T)
+    if path == "softmax":  # T = 1/N sum_n ||phi_n||^2 (diag p_n - p_n p_n^T), as a Laplacian
         p = torch.softmax(out if exact else out.detach(), dim=1)
-        wp = p * (phi2 / N)[:, None]
-        return torch.diag(wp.sum(dim=0)).addmm(wp.T, p, alpha=-1), 0
+        return laplacian(softmax_coupling(p, phi2 / N)), 0
     if path == "mse":  # T = 2/(N d) sum_n ||phi_n||^2 I
         return (2.0 / (N * d)) * phi2.sum() * torch.eye(d, dtype=z.dtype, device=z.device), 0
     if path == "gauss_newton":
@@ -386,10 +385,13 @@ def _kappa(path: str, W: Tensor, phi: Tensor, z: Tensor, out: Tensor, y: Tensor,
     took. ``exact=False`` detaches T so that only ⟨WWᵀ, T⟩'s explicit W remains in the graph."""
     N = phi.shape[0]
     phi2 = phi.pow(2).sum(dim=1)  # ||phi_n||^2
-    if exact and path == "softmax":  # kappa = 1/N sum_n ||phi_n||^2 Var_{i ~ p_n}(w_i)
-        p = torch.softmax(out, dim=1)
-        spread = p @ W.pow(2).sum(dim=1) - (p @ W).pow(2).sum(dim=1)
-        return (phi2 * spread).sum() / N, 0
+    if exact and path == "softmax":
+        # kappa = 1/N sum_n ||phi_n||^2 Var_{i ~ p_n}(w_i) = 1/2 sum_{s,s'} A_ss' ||w_s - w_s'||^2:
+        # non-negative terms, no cancellation when p_n is nearly one-hot (near-zero loss)
+        A = softmax_coupling(torch.softmax(out, dim=1), phi2 / N)
+        G = W @ W.T
+        g = G.diagonal()
+        return 0.5 * (A * (g[:, None] + g[None, :] - 2 * G).clamp_min(0)).sum(), 0
     if exact and path == "mse":  # kappa = 2/(N d) ||W||_F^2 sum_n ||phi_n||^2
         return (2.0 / (N * out.shape[1])) * phi2.sum() * W.pow(2).sum(), 0
     T, backwards = _traces(path, phi2 if exact else phi2.detach(), z, out, y, loss_name, loss_fn,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import famviz as fv
+from famviz import fam
 from famviz.measures import pac_bayes_flatness
 
 # ------------------------------------------------------------------------------ PAC-Bayes
@@ -302,3 +303,15 @@ def test_lanczos_refuses_max_iter_below_k():
     model, data, loss = _least_squares(1.0)
     with pytest.raises(ValueError, match="max_iter=2 is below k=3"):
         fv.hessian_top_eigenvalue(model, data, loss, k=3, max_iter=2)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 100.0])
+@pytest.mark.parametrize("gradient", ["exact", "frozen"])
+def test_fam_penalty_is_stable_near_zero_loss(scale, gradient):
+    """The FAM penalty's softmax route: float32 agrees with the 50-digit κ, and is never
+    negative, also where p is one-hot to far below float32's rounding."""
+    model, (X, y) = _confident_net(scale)
+    kappa, _, _ = _output_layer_oracle(model, X)
+    net = model.float()
+    value = float(fam.penalty(net, (X.float(), y), "2", gradient=gradient))
+    assert value >= 0 and value == pytest.approx(kappa, rel=1e-4, abs=1e-30)
