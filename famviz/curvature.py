@@ -222,7 +222,8 @@ class HessianOperator:
 
     def diagonal(self) -> Tensor:
         """The exact diagonal from ``dim`` HVPs with unit vectors (chunked)."""
-        return torch.cat([rows[torch.arange(len(idx)), idx] for idx, rows in self.columns()])
+        return torch.cat([rows[torch.arange(len(idx), device=rows.device), idx]
+                          for idx, rows in self.columns()])
 
 
 # ------------------------------------------------------------------------- trace estimators
@@ -396,7 +397,7 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: in
                 continue
         # the block is finished: its converged (or, after a breakdown, exact) pairs are kept
         new_top = float(theta[0]) > kth
-        done.append((theta, S.to(op.dtype).T @ torch.stack(Q[start:])))
+        done.append((theta, S.to(device=op.device, dtype=op.dtype).T @ torch.stack(Q[start:])))
         alphas, betas = [], []
         vals = torch.cat([v for v, _ in done])
         if len(vals) >= k:
@@ -411,7 +412,7 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: in
         start = len(Q)
         Q.append(q)
     if alphas:  # the unfinished block
-        done.append((theta, S.to(op.dtype).T @ torch.stack(Q[start:start + len(alphas)])))
+        done.append((theta, S.to(device=op.device, dtype=op.dtype).T @ torch.stack(Q[start:start + len(alphas)])))
     vals = torch.cat([v for v, _ in done])
     vecs = torch.cat([v for _, v in done])
     if len(vals) < k:  # pragma: no cover - max_iter >= k gives k Ritz values
@@ -456,7 +457,7 @@ def power_iteration_top(op: HessianOperator, k: int, tol: float, max_iter: int, 
             lam = float(v @ Hv)
             res = (Hv - lam * v).norm()
             # a quarter of tol: the true residual also carries the earlier pairs' errors
-            if residual_ok(res[None], torch.tensor([lam], dtype=res.dtype), tol / 4, scale,
+            if residual_ok(res[None], torch.tensor([lam], dtype=res.dtype, device=res.device), tol / 4, scale,
                            op.dtype):
                 converged = True
                 break

@@ -279,8 +279,8 @@ def trajectory_directions(states: Sequence, k: int = 2, model: nn.Module | None 
         dirs.append(Direction(
             {n: t.reshape(template[n].shape).to(template[n].dtype) for n, t in zip(names, parts)},
             kind="pca", info={"component": i, "explained_variance_ratio": ratio[i]}))
-    coords = torch.cat([M, torch.zeros(1, M.shape[1], dtype=M.dtype)]) @ Vh[:k].T
-    return TrajectoryDirections(dirs, ratio, coords.numpy())
+    coords = torch.cat([M, M.new_zeros(1, M.shape[1])]) @ Vh[:k].T
+    return TrajectoryDirections(dirs, ratio, coords.cpu().numpy())
 
 
 def orthogonalize(d1: Mapping[str, Tensor], d2: Mapping[str, Tensor]) -> Direction:

@@ -177,8 +177,8 @@ def _orthant_cov(K: Tensor, f: Tensor, noise: float) -> np.ndarray:
     """D (K + s² I + jitter) D with D = diag(f), as numpy."""
     n = K.shape[0]
     jitter = JITTER * float(torch.diagonal(K).mean()) if noise == 0 else 0.0
-    C = K + (noise + jitter) * torch.eye(n, dtype=torch.float64)
-    return (f[:, None] * C * f[None, :]).numpy()
+    C = K + (noise + jitter) * torch.eye(n, dtype=torch.float64, device=K.device)
+    return (f[:, None] * C * f[None, :]).cpu().numpy()
 
 
 def log_orthant_exact(K: Tensor, f: Tensor, noise: float, *, seed: int = 0) -> tuple[float, float]:
