@@ -56,42 +56,73 @@ def shared_names(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
+#: the dicts of hooks a module keeps; a replica gets its own copies (hooks registered on the
+#: replica never reach the caller's module)
+_HOOK_DICTS = tuple(
+    name for name in vars(nn.Module()) if name.endswith("_hooks") or "_hooks_" in name
+)
+
+
 def replicate(model: nn.Module, params: dict[str, Tensor] | None = None,
               buffers: dict[str, Tensor] | None = None, *, share: bool = False) -> nn.Module:
-    """A famviz-owned replica of ``model``: the same module structure, hooks and attributes (a
-    deep copy), but with parameters and buffers of its own.
+    """A famviz-owned replica of ``model``: the same module structure, hooks and attributes,
+    with parameters, buffers, flags and hook tables of its own.
 
     Its parameters are ``params`` (name-keyed like ``named_parameters()``; default: detached
     aliases of the model's, which share memory and are never written) and its buffers
     ``buffers`` (default: copies). Tied parameters and modules used twice stay tied in the
     replica. Evaluating, hooking or switching modes on the replica never touches ``model``.
 
+    Each module is copied shallowly (a new object with a copy of its attribute dict, as
+    ``copy.copy`` makes), its parameter, buffer, submodule and hook tables rebuilt: cheap for
+    large models, and no attribute needs to be deep-copyable. Other attributes (configs,
+    constants) are the model's own objects, which famviz only reads.
+
     With ``share``, the replica holds the model's own ``Parameter`` and buffer objects (for
     training-time computations whose gradient must reach them, evaluated in eval mode so no
     buffer is written); only its modules, flags and hooks are separate.
     """
     check_model(model)
-    memo: dict[int, object] = {}
+    tensors: dict[int, object] = {}
     for name, p in model.named_parameters():
         if share:
-            memo[id(p)] = p
+            tensors[id(p)] = p
             continue
         t = p.detach() if params is None else params[name]
-        memo[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad and t.is_floating_point())
+        tensors[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad and t.is_floating_point())
     for name, b in model.named_buffers():
-        memo[id(b)] = b if share else b.detach().clone() if buffers is None else buffers[name]
-    for module in model.modules():  # tensors a hook computes (weight_norm's weight): recomputed
-        for value in vars(module).values():
+        tensors[id(b)] = b if share else b.detach().clone() if buffers is None else buffers[name]
+    modules: dict[int, nn.Module] = {}
+
+    def copy_module(m: nn.Module) -> nn.Module:
+        if id(m) in modules:  # a module used twice stays one module
+            return modules[id(m)]
+        new = copy.copy(m)
+        modules[id(m)] = new
+        state = new.__dict__
+        state["_parameters"] = {k: None if v is None else tensors[id(v)]
+                                for k, v in m._parameters.items()}
+        state["_buffers"] = {k: None if v is None else tensors[id(v)]
+                             for k, v in m._buffers.items()}
+        state["_modules"] = {k: None if v is None else copy_module(v)
+                             for k, v in m._modules.items()}
+        for name in (*_HOOK_DICTS, "_non_persistent_buffers_set"):
+            if name in state:
+                state[name] = type(state[name])(state[name])
+        for key, value in list(state.items()):
+            # a tensor a hook computes from parameters (weight_norm's weight) is recomputed
+            # at every forward pass; the replica's starts detached
             if isinstance(value, Tensor) and value.grad_fn is not None:
-                memo[id(value)] = value.detach()
+                state[key] = value.detach()
+        return new
+
     try:
-        return copy.deepcopy(model, memo)
+        return copy_module(model)
     except Exception as exc:
         raise TypeError(
-            f"famviz evaluates a private copy of the model's structure (copy.deepcopy) so that "
-            f"the model itself is never changed, and copying {type(model).__name__} failed "
-            f"({type(exc).__name__}: {exc}); make the model deep-copyable (e.g. drop references "
-            "to locks or open files; for torch.compile, pass model._orig_mod)"
+            f"famviz evaluates a private replica of the model's modules so that the model "
+            f"itself is never changed, and copying {type(model).__name__} failed "
+            f"({type(exc).__name__}: {exc}); for torch.compile, pass model._orig_mod"
         ) from exc
 
 

@@ -43,14 +43,27 @@ def test_replica_shares_no_tensor_and_keeps_ties():
     assert model.training and torch.equal(model[1].running_mean, torch.zeros(3))
 
 
-def test_replica_refuses_what_cannot_be_copied_with_the_reason():
+def test_a_model_holding_what_cannot_be_copied_is_measured():
+    """Only the module structure is copied: a lock (or an open file) in a module is fine."""
+
     class Locked(nn.Linear):
         def __init__(self):
-            super().__init__(2, 2)
+            super().__init__(64, 4)
             self.lock = threading.Lock()
 
-    with pytest.raises(TypeError, match="make the model deep-copyable"):
-        fv.hessian_trace(nn.Sequential(Locked()), (torch.zeros(3, 2), torch.zeros(3).long()))
+    locked = Locked().double()
+    plain = nn.Linear(64, 4).double()
+    plain.load_state_dict(locked.state_dict())
+    assert fv.hessian_trace(nn.Sequential(locked), (X, Y)).value == \
+        fv.hessian_trace(nn.Sequential(plain), (X, Y)).value
+
+
+def test_hooks_registered_on_the_replica_stay_there():
+    model = mlp()
+    net = replicate(model)
+    net[0].register_forward_hook(lambda *a: None)
+    net.register_buffer("extra", torch.zeros(1), persistent=False)
+    assert not model[0]._forward_hooks and "extra" not in dict(model.named_buffers())
 
 
 # ------------------------------------------------------------------------------------ threads
