@@ -71,3 +71,19 @@ def test_a_killed_worker_is_replaced_and_its_run_retried(client, tmp_path):
     assert table["error"].isna().all() and len(table) == 2
     assert victim not in client.run(os.getpid).values()  # the nanny started a new worker
     same_table(table, run(slow, tmp_path / "serial", progress=False))
+
+
+def test_slice_2d_on_dask_equals_the_serial_engine(client):
+    import numpy as np
+
+    import famviz as fv
+    from famviz import landscape as ls
+
+    (X, y), _ = fv.data.digits(seed=0)
+    data = (X[:100].double(), y[:100])
+    model = fv.models.mlp([64, 10, 10], seed=0).double()
+    d1, d2 = ls.random_direction(model, seed=1), ls.random_direction(model, seed=2)
+    serial = ls.slice_2d(model, data, d1, d2, steps=(11, 9))
+    spread = ls.slice_2d(model, data, d1, d2, steps=(11, 9), executor=client.get_executor())
+    assert np.array_equal(serial.values, spread.values)
+    assert np.array_equal(serial.accuracy, spread.accuracy)
