@@ -201,3 +201,8 @@ def test_run_checks_its_arguments(tmp_path):
         run({"axes": {}}, tmp_path)
     with pytest.raises(TypeError, match="Executor"):
         run(tiny(), tmp_path, executor=object())
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = Spec(axes={"hidden": [4]}, make_model=lambda c: None, make_data=make_data)
+    with ThreadPoolExecutor(1) as pool, pytest.raises(TypeError, match="module-level"):
+        run(local, tmp_path, executor=pool)

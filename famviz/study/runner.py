@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import time
 import traceback
 from concurrent.futures import Executor, as_completed
@@ -237,6 +238,14 @@ def run(spec: Spec, directory, executor: Executor | None = None, *, progress: bo
         raise TypeError("executor must be a concurrent.futures.Executor (e.g. "
                         "ProcessPoolExecutor(2) or distributed.Client().get_executor()), got "
                         f"{type(executor).__name__}")
+    if executor is not None:
+        try:  # other processes get the spec by pickle: fail now, not once per run
+            pickle.dumps(spec)
+        except Exception as exc:
+            raise TypeError(
+                f"the spec cannot be sent to other processes ({type(exc).__name__}: {exc}); "
+                "make_model and make_data must be module-level functions (no lambdas or "
+                "closures) when an executor is used") from None
     directory = Path(directory)
     (directory / _RUNS).mkdir(parents=True, exist_ok=True)
     (directory / "spec.json").write_text(json.dumps(spec.to_dict(), indent=1, sort_keys=True))

@@ -1,5 +1,5 @@
-r"""Random function-preserving reparameterizations of a trained network (docs/math.md,
-"Reparameterizations"), drawn from a seeded generator and applied in float64.
+r"""Random function-preserving reparameterizations of a trained network (the T1, T2, T3 of
+:mod:`famviz.reparam`), drawn from a seeded generator and applied in float64.
 
 * :func:`scramble` — T1 with a factor :math:`\alpha \sim U[a, b]` on every consecutive pair of
   Linear layers (Petzka et al. 2021 use U[5, 25]), then T3: neuron-wise factors
