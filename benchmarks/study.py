@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -45,7 +46,7 @@ def _warm():
     return True
 
 
-def dask_run(spec, workers: int):
+def dask_run(spec, workers: int, directory=None):
     import distributed
 
     with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
@@ -54,7 +55,8 @@ def dask_run(spec, workers: int):
         c.run(_warm)
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            table = fv.study.run(spec, d, executor=c.get_executor(), progress=False)
+            table = fv.study.run(spec, directory or d, executor=c.get_executor(),
+                                 progress=False)
             return time.perf_counter() - t0, table
 
 
@@ -77,6 +79,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="an 8-network zoo, a 4-network subset")
     p.add_argument("--subset", type=int, default=16, help="networks in the scale-out runs")
+    p.add_argument("--report-only", action="store_true",
+                   help="score the zoo already in benchmarks/results/study-zoo (no training)")
     args = p.parse_args()
     axes = dict(AXES)
     if args.quick:
@@ -86,10 +90,15 @@ def main():
     n = len(spec.configs())
     print(f"famviz {fv.__version__}, torch {fv.fam.torch.__version__}, pandas {pd.__version__}")
     print(f"1. zoo of {n} networks, Dask LocalCluster with 2 single-threaded workers")
-    seconds, table = dask_run(spec, 2)
+    zoo = _common.HERE / "results" / ("study-zoo-quick" if args.quick else "study-zoo")
+    if args.report_only:
+        table, seconds = fv.study.load(zoo, spec), float("nan")
+    else:
+        shutil.rmtree(zoo, ignore_errors=True)  # timed from scratch; kept for --report-only
+        seconds, table = dask_run(spec, 2, zoo)
     failed = int(table["error"].notna().sum())
     print(f"   {seconds:.0f} s ({seconds / 60:.1f} min; goal <= 10 min: "
-          f"{'met' if seconds <= 600 else 'MISSED'}), {int(table['converged'].sum())} of {n} "
+          f"{'met' if seconds <= 600 else 'MISSED'}; {zoo}), {int(table['converged'].sum())} of {n} "
           f"converged, {failed} failed, median {table['seconds'].median():.1f} s per network")
     corr = fv.study.correlations(table, target="gap")
     cols = ["tau", "tau_low", "tau_high", "psi", "pearson", "sign_error", "sign_error_max", "n",
@@ -105,6 +114,8 @@ def main():
         err = fv.study.correlations(table, target="error_gap")
         print("   target: error_gap")
         print(err[["tau", "psi", "pearson", "tau_scrambled"]].to_string())
+    if args.report_only:
+        return
 
     # the subset: the last log2(subset) axes vary, the others keep their first value
     k = args.subset.bit_length() - 1

@@ -57,6 +57,15 @@ def test_granulated_psi_groups_by_seed_too():
     assert mixed["a"] == 0.0 and mixed["b"] == pytest.approx(4 / 24 ** 0.5)
 
 
+def test_none_and_nan_are_axis_values_too():
+    # a train_size axis [300, None] (None: all samples) reads back as NaN from the run files
+    for missing in (None, float("nan")):
+        t = HAND.assign(a=[300, missing, 300, missing])
+        psi, per_axis = granulated_psi(t, "m", "g", ["a", "b"])
+        assert per_axis == {"a": 0.0, "b": 1.0}
+        assert sign_error(t, "m", "g", ["a", "b"])[2] == {"a": 0.5, "b": 0.0}
+
+
 def test_sign_error_by_hand():
     # pairs along a: (0,1) agree, (2,3) disagree; along b: (0,2), (1,3) agree
     mean, worst, per_axis = sign_error(HAND, "m", "g", ["a", "b"])

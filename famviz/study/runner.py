@@ -292,8 +292,11 @@ def load(directory, spec: Spec | None = None) -> pd.DataFrame:
     (without a spec) every run file, with the axes of ``spec.json``."""
     directory = Path(directory)
     if spec is not None:
-        rows = [_read(directory, spec.key(c)) for c in spec.configs()]
-        return _frame(spec, [r for r in rows if r is not None])
+        rows = [r for r in (_read(directory, spec.key(c)) for c in spec.configs())
+                if r is not None]
+        if not rows:
+            raise ValueError(f"{directory} holds no finished run of this spec")
+        return _frame(spec, rows)
     meta = directory / "spec.json"
     if not meta.exists():
         raise ValueError(f"{directory} has no spec.json: not a study directory "

@@ -85,11 +85,15 @@ def pearson_r(x, y) -> float:
     return float((dx * dy).sum()) / den if den > 0 else math.nan
 
 
-def _groups(frame: pd.DataFrame, fixed: list[str]):
+def _groups(frame: pd.DataFrame, fixed: list[str]) -> list[list]:
+    """Index labels of the rows that agree on every column of ``fixed`` (None and NaN values
+    included, which pandas' groupby drops)."""
     if not fixed:
-        return [frame.index]
-    keys = frame[fixed].astype(str).agg("|".join, axis=1)
-    return [idx for _, idx in frame.groupby(keys, sort=False).groups.items()]
+        return [list(frame.index)]
+    groups: dict[tuple, list] = {}
+    for idx, values in zip(frame.index, frame[fixed].itertuples(index=False, name=None)):
+        groups.setdefault(tuple(map(repr, values)), []).append(idx)
+    return list(groups.values())
 
 
 def granulated_psi(frame: pd.DataFrame, measure: str, target: str, axes: Sequence[str],
