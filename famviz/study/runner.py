@@ -100,7 +100,10 @@ def _compute(spec: Spec, config: dict) -> dict:
         (X, y), (Xt, yt) = digits_data(config)
     X, y, Xt, yt = (torch.as_tensor(a) for a in (X, y, Xt, yt))
     layer = spec.layer or fam.last_linear(model)
-    trained = train_to_target(model, (X.float(), y), config, layer=layer,
+    p = next(model.parameters(), None)
+    if p is None:
+        raise ValueError("make_model returned a model without parameters: nothing to train")
+    trained = train_to_target(model, (X.to(p.dtype), y), config, layer=layer,
                               target_loss=spec.target_loss, max_epochs=spec.max_epochs)
     # everything measured in float64, on a copy
     m64 = copy.deepcopy(model).double().eval()
