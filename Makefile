@@ -23,7 +23,7 @@ $(PIN): | $(PY)
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(PIN)
 
 $(STAMP): pyproject.toml $(PIN)
-	$(PY) -m pip install -c $(PIN) -e ".[dev]"
+	$(PY) -m pip install -c $(PIN) -e ".[dev,dask]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -58,12 +58,12 @@ screenshots: $(STAMP) $(CHROMIUM)
 	  $(PY) -m pytest tests/browser/test_voila.py -q $(PYTEST_ARGS)
 
 $(VENV)/.famviz-bench: $(STAMP)
-	$(PY) -m pip install -c $(PIN) -e ".[dev,bench]"
+	$(PY) -m pip install -c $(PIN) -e ".[dev,dask,bench]"
 	touch $@
 
 # each script prints its table of times and same-process ratios (see benchmarks/README.md)
 bench: $(VENV)/.famviz-bench
-	for s in curvature landscape measures fam_cost fam_compare widgets volume; do \
+	for s in curvature landscape measures fam_cost fam_compare widgets volume study; do \
 	  $(PY) -u benchmarks/$$s.py || exit 1; done
 
 clean:

@@ -37,7 +37,9 @@ from .objective import Objective
 
 __version__ = "0.1.0"
 
-_LAZY = ("plots", "widgets")  # layers above the core: imported on first use, so `import famviz` stays light
+# imported on first use, so `import famviz` stays light: the layers above the core, and the
+# studies (which add pandas)
+_LAZY = ("plots", "widgets", "study")
 
 
 def __getattr__(name: str):
@@ -90,4 +92,6 @@ __all__ = [
     "landscape",
     # FAM, SAM and ASAM training
     "fam",
+    # flatness-versus-generalization studies over model zoos
+    "study",
 ]

@@ -204,3 +204,104 @@ def measures_bar(table, *others, labels=None, relative: bool = False, log: bool 
             height=min(1400, max(320, 120 + 22 * len(names) * len(tables))),
         )
     return fig
+
+
+# --- studies
+# figures of famviz.study: a correlation table (famviz.study.correlations) and a run table
+# (famviz.study.run); pandas objects, read by column name
+
+__all__ += ["study_tau", "study_psi", "study_scatter"]
+
+
+def _corr_check(corr) -> None:
+    if not hasattr(corr, "columns") or "tau" not in corr.columns:
+        raise TypeError("expected the DataFrame of famviz.study.correlations(...)")
+
+
+def study_tau(corr, *, fig: go.Figure | None = None, title: str | None = None) -> go.Figure:
+    """Kendall's τ per measure with its bootstrap interval, without and with the scramble.
+
+    A measure that predicts the gap only through the parameterization loses its τ to the
+    scramble; an invariant one keeps it exactly.
+    """
+    _corr_check(corr)
+    names = list(corr.index)
+    fig = fig if fig is not None else go.Figure()
+    with fig.batch_update():
+        fig.data = []
+        for suffix, label, color in (("", "as trained", _TRAIN),
+                                     ("_scrambled", "scrambled", _TEST)):
+            tau = corr[f"tau{suffix}"].to_numpy(float)
+            lo, hi = corr[f"tau_low{suffix}"].to_numpy(float), corr[f"tau_high{suffix}"].to_numpy(float)
+            fig.add_trace(go.Bar(
+                y=names, x=tau, orientation="h", name=label, marker={"color": color},
+                error_x={"type": "data", "symmetric": False, "array": hi - tau,
+                         "arrayminus": tau - lo, "visible": True},
+                hovertext=[f"{n}<br>τ {t:.3f} [{a:.3f}, {b:.3f}]"
+                           for n, t, a, b in zip(names, tau, lo, hi)], hoverinfo="text"))
+        target = corr.attrs.get("target", "gap")
+        fig.update_layout(
+            title=title or f"Kendall τ with the {target}: as trained and after a random "
+                           "function-preserving reparameterization",
+            barmode="group", xaxis={"title": f"τ (positive: predicts a larger {target})",
+                                    "range": [-1.05, 1.05]},
+            yaxis={"autorange": "reversed"}, height=max(320, 120 + 44 * len(names)))
+    return fig
+
+
+def study_psi(corr, *, scrambled: bool = False, fig: go.Figure | None = None,
+              title: str | None = None) -> go.Figure:
+    """Granulated ψ per measure (rows) and axis (columns), with Ψ their mean, as a heatmap."""
+    _corr_check(corr)
+    suffix = "_scrambled" if scrambled else ""
+    axes = [c[4:-1 - len(suffix)] if suffix else c[4:-1] for c in corr.columns
+            if c.startswith("psi[") and c.endswith("]" + suffix)]
+    cols = [f"psi[{a}]{suffix}" for a in axes] + [f"psi{suffix}"]
+    z = corr[cols].to_numpy(float)
+    fig = fig if fig is not None else go.Figure()
+    with fig.batch_update():
+        fig.data = []
+        fig.add_trace(go.Heatmap(
+            z=z, x=[*axes, "Ψ (mean)"], y=list(corr.index), zmin=-1, zmax=1,
+            colorscale="RdBu", reversescale=True, colorbar={"title": "ψ"},
+            text=np.vectorize(lambda v: "" if np.isnan(v) else f"{v:.2f}")(z),
+            texttemplate="%{text}"))
+        fig.update_layout(
+            title=title or "granulated Kendall ψ per axis (Jiang et al. 2020)"
+                           + (", scrambled" if scrambled else ""),
+            yaxis={"autorange": "reversed"}, height=max(320, 120 + 30 * len(corr)))
+    return fig
+
+
+def study_scatter(table, measure: str, target: str = "gap", color: str | None = None, *,
+                  scrambled: bool = False, log: bool | None = None,
+                  fig: go.Figure | None = None, title: str | None = None) -> go.Figure:
+    """A measure against the target over the zoo, one colour per value of the axis ``color``
+    (converged, error-free runs)."""
+    col = f"{measure}_scrambled" if scrambled else measure
+    for c in (col, target, color):
+        if c is not None and c not in table.columns:
+            raise ValueError(f"{c!r} is not a column of the table")
+    keep = table["converged"].astype(bool) if "converged" in table else np.ones(len(table), bool)
+    if "error" in table:
+        keep &= table["error"].isna()
+    t = table.loc[keep]
+    x = t[col].to_numpy(float)
+    if log is None:
+        log = bool(len(x)) and bool((x > 0).all())
+    groups = [(None, t)] if color is None else list(t.groupby(color, sort=True))
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#d62728", "#e377c2"]
+    fig = fig if fig is not None else go.Figure()
+    with fig.batch_update():
+        fig.data = []
+        for k, (value, g) in enumerate(groups):
+            fig.add_trace(go.Scatter(
+                x=g[col], y=g[target], mode="markers",
+                name=str(value) if color else measure,
+                marker={"color": palette[k % len(palette)], "size": 8},
+                hovertext=g["key"] if "key" in g else None))
+        fig.update_layout(
+            title=title or f"{col} against the {target}",
+            xaxis={"title": col, "type": "log" if log else None},
+            yaxis={"title": target}, legend={"title": {"text": color or ""}})
+    return fig

@@ -381,9 +381,10 @@ def _meta(engines, directions, span, steps, seconds) -> dict:
     }
 
 
-def _evaluate_all(engines, coords, progress):
+def _evaluate_all(engines, coords, progress, results=None):
     _check_progress(progress)
-    results = [e.evaluate(coords, progress) for e in engines]
+    if results is None:  # else computed elsewhere (an executor's workers)
+        results = [e.evaluate(coords, progress) for e in engines]
     train_l, train_a = results[0]
     test_l, test_a = results[1] if len(results) > 1 else (None, None)
     has_acc = engines[0].classify
@@ -442,11 +443,14 @@ def _axes_2d(span, steps):
 def slice_2d(model: nn.Module, data, d1: Mapping[str, Tensor], d2: Mapping[str, Tensor],
              span=(-1.0, 1.0), steps=41, *, test_data=None, loss="cross_entropy", dtype=None,
              device=None, bn: str = "eval", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-             progress: bool = False) -> Slice2D:
+             progress: bool = False, executor=None) -> Slice2D:
     """The loss on a plane, ``values[i, j]`` = :math:`E(\\theta + x_i d_1 + y_j d_2)`.
 
     ``span`` is ``(min, max)`` for both axes or ``((xmin, xmax), (ymin, ymax))``; ``steps`` an
-    int or ``(nx, ny)``. Other arguments as in :func:`slice_1d`.
+    int or ``(nx, ny)``. ``executor``: a ``concurrent.futures.Executor`` (a process pool, Dask's
+    ``Client.get_executor()``) that evaluates the grid in pieces on its workers, one torch thread
+    each, with values identical to this process's (:mod:`famviz.landscape.parallel`); the
+    model, data and directions must be picklable. Other arguments as in :func:`slice_1d`.
 
     >>> import torch, famviz as fv
     >>> m = fv.models.mlp([4, 8, 3], seed=0)
@@ -466,7 +470,19 @@ def slice_2d(model: nn.Module, data, d1: Mapping[str, Tensor], d2: Mapping[str, 
     engines = _prepare(model, data, test_data, [d1, d2], loss, dtype, device, bn, memory_budget)
     coords = np.stack(np.meshgrid(x, y, indexing="ij"), axis=-1).reshape(-1, 2)
     shape = (len(x), len(y))
-    res = _evaluate_all(engines, coords, progress)
+    if executor is None:
+        res = _evaluate_all(engines, coords, progress)
+    else:
+        from .parallel import evaluate
+
+        # the batches as read here: a DataLoader is read once, and needs no pickling
+        batches = [e.obj.batches for e in engines] + [None]
+        job = {"model": model, "data": batches[0], "test_data": batches[1],
+               "directions": [d1, d2],
+               "loss": loss, "dtype": dtype, "device": device, "bn": bn,
+               "memory_budget": memory_budget}
+        res = _evaluate_all(engines, coords, progress,
+                            results=evaluate(engines, job, coords, executor, progress=progress))
     train_l, train_a, test_l, test_a = (None if r is None else r.reshape(shape) for r in res)
     i, j = int(np.flatnonzero(x == 0)[0]), int(np.flatnonzero(y == 0)[0])
     meta = _meta(engines, [d1, d2], spans, st, time.perf_counter() - t0)
