@@ -388,7 +388,8 @@ def _kappa(path: str, W: Tensor, phi: Tensor, z: Tensor, out: Tensor, y: Tensor,
     if exact and path == "softmax":
         # kappa = 1/N sum_n ||phi_n||^2 Var_{i ~ p_n}(w_i) = 1/2 sum_{s,s'} A_ss' ||w_s - w_s'||^2:
         # non-negative terms, no cancellation when p_n is nearly one-hot (near-zero loss)
-        A = softmax_coupling(torch.softmax(out, dim=1), phi2 / N)
+        p = torch.softmax(out, dim=1)
+        A = (p * (phi2 / N)[:, None]).T @ p  # its diagonal meets E_ss = 0 exactly
         G = W @ W.T
         g = G.diagonal()
         return 0.5 * (A * (g[:, None] + g[None, :] - 2 * G).clamp_min(0)).sum(), 0
