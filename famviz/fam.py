@@ -517,9 +517,11 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
                 buf.copy_(value)
 
 
-class SAM:
+class SAM(torch.optim.Optimizer):
     """Sharpness-aware minimization around any optimizer (Foret et al. 2021); with
-    ``adaptive=True``, ASAM (Kwon et al. 2021).
+    ``adaptive=True``, ASAM (Kwon et al. 2021). A ``torch.optim.Optimizer``: learning-rate
+    schedulers and ``torch.amp.GradScaler`` attach to it (its ``param_groups`` are the base
+    optimizer's).
 
     Each step evaluates the gradient twice: at θ, to find the ascent step
 
@@ -535,9 +537,13 @@ class SAM:
     ``model.named_parameters()``, otherwise the 1-D tensors.
 
     Use :meth:`step` with a closure that zeroes the gradients, computes the loss and calls
-    ``backward()``; or call :meth:`first_step` and :meth:`second_step` around your own second
-    forward/backward pass. Put the second pass inside :func:`frozen_running_stats` so BatchNorm
-    statistics are updated once per step. LR schedulers attach to the base optimizer.
+    ``backward()``; or call :meth:`first_step`, then your own second forward/backward pass, then
+    :meth:`step` without a closure (or :meth:`second_step`). With a ``GradScaler``:
+    ``scaler.scale(loss).backward(); sam.first_step(); sam.zero_grad()``, the second pass with
+    ``scaler.scale(loss).backward()``, then ``scaler.step(sam); scaler.update()``: the ascent
+    ε depends only on the gradient's direction, so the first gradients need no unscaling (and
+    a first pass that overflowed takes no ascent). Put the second pass inside
+    :func:`frozen_running_stats` so BatchNorm statistics are updated once per step.
 
     Args:
         base_optimizer: a ``torch.optim.Optimizer`` instance over the parameters to train.
@@ -560,15 +566,16 @@ class SAM:
             raise TypeError("base_optimizer must be a torch.optim.Optimizer instance, e.g. "
                             f"torch.optim.SGD(model.parameters(), lr=0.1); got "
                             f"{type(base_optimizer).__name__}")
+        rho = _number("rho", rho, low=0.0)
+        eta = _number("eta", eta, low=0.0, strict=True)
+        super().__init__(base_optimizer.param_groups, {"rho": rho, "adaptive": bool(adaptive),
+                                                       "eta": eta})
+        # one set of groups: a scheduler or a GradScaler acting on SAM acts on the base
+        self.param_groups = base_optimizer.param_groups
         self.base_optimizer = base_optimizer
-        self.rho = _number("rho", rho, low=0.0)
-        self.adaptive = bool(adaptive)
-        self.eta = _number("eta", eta, low=0.0, strict=True)
+        self.rho, self.adaptive, self.eta = rho, bool(adaptive), eta
         self._eps: list[tuple[Tensor, Tensor]] = []
-
-    @property
-    def param_groups(self):
-        return self.base_optimizer.param_groups
+        self._ascended = False  # between first_step and second_step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -588,8 +595,9 @@ class SAM:
     def first_step(self) -> None:
         """Move every parameter with a gradient to θ + ε (remembered for :meth:`second_step`).
         A zero gradient or ρ = 0 gives ε = 0."""
-        if self._eps:
+        if self._ascended:
             raise RuntimeError("first_step() called twice without second_step()")
+        self._ascended = True
         items = []
         for group in self.param_groups:
             for p, scaled in self._scaled(group):
@@ -601,7 +609,8 @@ class SAM:
             return
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(tg)
                                                      for _, _, tg in items]))
-        zero = self.rho == 0 or float(norm) == 0.0
+        # no ascent for rho = 0, a zero gradient, or an overflowed (scaled) first pass
+        zero = self.rho == 0 or not 0.0 < float(norm) < math.inf
         for p, t, tg in items:
             eps = torch.zeros_like(p) if zero else (tg if t is None else tg * t) * (self.rho / norm)
             p.add_(eps)
@@ -613,13 +622,22 @@ class SAM:
         for p, eps in self._eps:
             p.sub_(eps)
         self._eps = []
+        self._ascended = False
         self.base_optimizer.step()
 
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One SAM step. ``closure`` zeroes the gradients, computes the loss, calls
-        ``backward()`` and returns the loss; it is called twice. Returns the first loss."""
+        ``backward()`` and returns the loss; it is called twice. Returns the first loss.
+
+        Without a closure, after :meth:`first_step` and a second backward pass: the descent
+        from θ (what ``GradScaler.step`` calls)."""
         if closure is None:
-            raise ValueError("SAM.step needs a closure that recomputes the loss and gradients")
+            if not self._ascended:
+                raise ValueError("SAM.step() without a closure completes a step begun with "
+                                 "first_step(); pass a closure that recomputes the loss and "
+                                 "gradients, or call first_step() first")
+            self.second_step()
+            return None
         with torch.enable_grad():
             loss = closure()
         self.first_step()

@@ -587,3 +587,53 @@ def test_a_callable_loss_is_never_taken_for_a_named_one():
     assert fam.penalty_path(model, (X, Y), "2", mse) == "hvp"
     kappa, _ = relative_flatness_bruteforce(model, (X, Y), "2", loss=mse)
     assert fam.penalty(model, (X, Y), "2", mse).item() == pytest.approx(kappa, rel=1e-9)
+
+
+def _sam_run(model, X, y, steps, *, scheduler=False, scaler=None, closure_api=True):
+    """SAM steps on a fixed batch, with the closure API or first_step / step (the way
+    GradScaler drives an optimizer)."""
+    opt = fam.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if scheduler else None
+    lrs = []
+    for _ in range(steps):
+        if closure_api:
+            def closure():
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(X), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        else:
+            scale = (lambda t: scaler.scale(t)) if scaler is not None else (lambda t: t)
+            opt.zero_grad()
+            scale(torch.nn.functional.cross_entropy(model(X), y)).backward()
+            opt.first_step()  # the ascent uses the gradient's direction: no unscaling
+            opt.zero_grad()
+            scale(torch.nn.functional.cross_entropy(model(X), y)).backward()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        if sched is not None:
+            sched.step()
+    return lrs
+
+
+def test_sam_is_an_optimizer_for_schedulers_and_grad_scalers():
+    X = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(32) % 3
+    ref = fv.models.mlp([4, 8, 3], seed=0)
+    assert isinstance(fam.SAM(torch.optim.SGD(ref.parameters(), lr=0.1)), torch.optim.Optimizer)
+    lrs = _sam_run(ref, X, y, 5, scheduler=True)
+    assert lrs == [0.1, 0.1, 0.05, 0.05, 0.025]  # the scheduler drove the base optimizer
+    for api in ({"closure_api": False},
+                {"closure_api": False,
+                 "scaler": torch.amp.GradScaler("cpu", init_scale=2.0**10)}):
+        other = fv.models.mlp([4, 8, 3], seed=0)
+        _sam_run(other, X, y, 5, scheduler=True, **api)
+        for a, b in zip(ref.parameters(), other.parameters()):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="completes a step begun with first_step"):
+        fam.SAM(torch.optim.SGD(ref.parameters(), lr=0.1)).step()
