@@ -92,6 +92,7 @@ __all__ = [
     "ASAM_ETA",
     "penalty",
     "penalty_path",
+    "PenaltyTap",
     "last_linear",
     "SAM",
     "frozen_running_stats",
@@ -492,6 +493,78 @@ def penalty(
         path = _plan(model, target, loss_name, z, out)
         value, _ = _kappa(path, W, phi, z, out, y, loss_name, loss_fn, gradient == "exact")
     return value / W.shape[1] if normalize == "m" else value
+
+
+class PenaltyTap:
+    """The FAM penalty from *your* training forward pass: no second forward.
+
+    Inside ``with tap:`` a forward hook on the feature layer keeps its input φ and output z;
+    :meth:`penalty` then computes κ of the batch from them and the model's output, exactly as
+    :func:`penalty` would from its own pass (the same routes and gradients), but on the
+    activations of the pass you ran — in training mode if your model is, so with dropout
+    masks and batch statistics where :func:`penalty` uses eval mode; they agree for models
+    without such layers. The hook lives only inside the ``with`` block. Targets are checked on
+    the first call only, so later steps force no host synchronization.
+
+    >>> import torch
+    >>> from famviz.models import mlp
+    >>> net, X, y = mlp([4, 8, 3], seed=0), torch.randn(16, 4), torch.arange(16) % 3
+    >>> tap = PenaltyTap(net, "2")
+    >>> with tap:
+    ...     out = net(X)
+    >>> value = tap.penalty(out, y)
+    >>> bool(torch.isclose(value, penalty(net, (X, y), "2")))
+    True
+    """
+
+    def __init__(self, model: nn.Module, layer: str | None = None, loss="cross_entropy",
+                 normalize: str | None = None, gradient: str = "exact"):
+        check_option("gradient", gradient, GRADIENTS)
+        _check_normalize(normalize)
+        self.model = model
+        self.target = _Target(model, layer)  # the layer's name, the route planning
+        self.name = self.target.name
+        self.module = model.get_submodule(self.name)
+        self.loss_name, self.loss_fn = resolve_loss(loss)
+        self.normalize, self.exact = normalize, gradient == "exact"
+        self.path: str | None = None
+        self._seen: dict = {}
+        self._handle = None
+
+    def _hook(self, module, inputs, output):
+        if "z" in self._seen:
+            raise ValueError(f"layer {self.name!r} ran twice inside one `with` block; the "
+                             "penalty needs one forward pass of a layer used once")
+        z = output if output.requires_grad else output.detach().requires_grad_(True)
+        self._seen.update(phi=inputs[0], z=z)
+        return z
+
+    def __enter__(self) -> PenaltyTap:
+        self._seen = {}
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+        self._handle = None
+
+    def penalty(self, out: Tensor, y: Tensor) -> Tensor:
+        """κ of the batch just run (÷ m with ``normalize="m"``) as a differentiable scalar."""
+        if "z" not in self._seen:
+            raise ValueError(f"layer {self.name!r} has not run: call the model inside "
+                             "`with tap:` before tap.penalty(out, y)")
+        phi, z = self.target._check(self._seen["phi"]), self._seen["z"]
+        self._seen = {}
+        if self.loss_name == "cross_entropy" and not y.is_floating_point():
+            y = y.long()
+        if self.path is None:  # first call: check the targets and plan the route once
+            if self.loss_name in LOSSES:
+                check_targets(self.loss_name, tuple(out.shape), y)
+            self.path = _plan(self.model, self.target, self.loss_name, z, out)
+        W = self.module.weight
+        value, _ = _kappa(self.path, W, phi, z, out, y, self.loss_name, self.loss_fn,
+                          self.exact)
+        return value / W.shape[1] if self.normalize == "m" else value
 
 
 # ---------------------------------------------------------------------------------- SAM, ASAM

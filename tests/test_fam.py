@@ -637,3 +637,27 @@ def test_sam_is_an_optimizer_for_schedulers_and_grad_scalers():
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="completes a step begun with first_step"):
         fam.SAM(torch.optim.SGD(ref.parameters(), lr=0.1)).step()
+
+
+@pytest.mark.parametrize("layer", ["4", "2"])  # the output layer (softmax), a hidden layer
+@pytest.mark.parametrize("gradient", ["exact", "frozen"])
+def test_penalty_tap_reuses_the_training_forward(layer, gradient):
+    """The penalty from the caller's own forward pass equals the standalone penalty, value and
+    gradient, with one forward pass fewer; the hook is gone after the block."""
+    X = torch.randn(40, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.arange(40) % 4
+    model = fv.models.mlp([6, 8, 7, 4], seed=3).double()
+    ref = fam.penalty(model, (X, y), layer, gradient=gradient)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    tap = fam.PenaltyTap(model, layer, gradient=gradient)
+    for _ in range(2):  # the second step reuses the planned route
+        with tap:
+            out = model(X)
+        value = tap.penalty(out, y)
+    grads = torch.autograd.grad(value, list(model.parameters()), allow_unused=True)
+    assert float(value) == pytest.approx(float(ref), rel=1e-12)
+    for a, b in zip(grads, ref_grads):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+    assert not any(m._forward_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="has not run"):
+        tap.penalty(out, y)
