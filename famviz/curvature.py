@@ -40,6 +40,7 @@ __all__ = [
     "HessianOperator",
     "ParamLayout",
     "hutchinson_trace",
+    "probe_chunks",
     "hutchpp_trace",
     "lanczos_top",
     "power_iteration_top",
@@ -131,12 +132,19 @@ class ParamLayout:
 class HessianOperator:
     """The Hessian of ``objective`` with respect to the parameters ``names``.
 
-    The gradient graph is built once at construction (one forward and one backward pass over all
-    data, kept in memory); :meth:`matvec` and :meth:`matmat` then cost one backward pass each.
+    Two ways to make a Hessian-vector product (HVP), with the same numbers:
+
+    * one batch of data (``stream=False``): the gradient graph is built once at construction
+      (one forward and one backward pass) and kept; each HVP is one more backward pass;
+    * several batches (``stream=True``, the default when the data has more than one batch):
+      each HVP is accumulated over the batches, with one batch's graph alive at a time, so
+      memory stays flat in the number of samples; an HVP then costs a forward, a backward and
+      a double-backward pass per batch.
+
     ``num_hvps`` counts the Hessian-vector products made.
     """
 
-    def __init__(self, objective: Objective, names: Sequence[str]):
+    def __init__(self, objective: Objective, names: Sequence[str], *, stream: bool | None = None):
         if not names:
             raise ValueError("no parameters selected")
         self.objective = objective
@@ -146,6 +154,14 @@ class HessianOperator:
         self.device = objective.device
         self.dtype = objective.dtype
         self.num_hvps = 0
+        self.stream = len(objective.batches) > 1 if stream is None else bool(stream)
+        if self.stream:
+            with torch.no_grad():
+                check_finite_loss(objective.loss(self._params))
+            # which parameters have a Hessian row at all: read off the first batch's graph
+            grads = self._batch_grads(*objective.batches[0])
+            self._live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            return
         with double_backward_safe():  # attention kernels that support double backward
             loss = objective.loss(self._params)
         check_finite_loss(loss)
@@ -157,16 +173,18 @@ class HessianOperator:
         self._grads = [grads[i] for i in self._live]
         self._inputs = [list(self._params.values())[i] for i in self._live]
 
-    def _backward(self, parts: list[Tensor], batched: bool) -> list[Tensor]:
+    def _batch_grads(self, X, y) -> tuple:
+        """The gradient of one batch's weighted loss, with its graph (for a double backward)."""
+        with double_backward_safe():
+            loss = self.objective.batch_loss(self._params, X, y) * (
+                len(X) / self.objective.num_samples)
+        return torch.autograd.grad(loss, list(self._params.values()), create_graph=True,
+                                   allow_unused=True)
+
+    def _double_backward(self, grads, inputs, parts, batched: bool, retain: bool) -> tuple:
         try:
-            outs = torch.autograd.grad(
-                self._grads,
-                self._inputs,
-                grad_outputs=[parts[i] for i in self._live],
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=batched,
-            )
+            return torch.autograd.grad(grads, inputs, grad_outputs=parts, retain_graph=retain,
+                                       allow_unused=True, is_grads_batched=batched)
         except RuntimeError as exc:
             if "is not implemented" not in str(exc) or "derivative for" not in str(exc):
                 raise
@@ -177,10 +195,27 @@ class HessianOperator:
                 "attn_implementation='eager'; famviz already routes "
                 "F.scaled_dot_product_attention through its math kernel)"
             ) from exc
+
+    def _backward(self, parts: list[Tensor], batched: bool) -> list[Tensor]:
         full = [torch.zeros_like(p) for p in parts]
-        for i, o in zip(self._live, outs):
-            if o is not None:
-                full[i] = o
+        if not self.stream:
+            outs = self._double_backward(self._grads, self._inputs,
+                                         [parts[i] for i in self._live], batched, retain=True)
+            for i, o in zip(self._live, outs):
+                if o is not None:
+                    full[i] = o
+            return full
+        params = list(self._params.values())
+        for X, y in self.objective.batches:  # one batch's graph alive at a time
+            grads = self._batch_grads(X, y)
+            live = [i for i in self._live if grads[i] is not None and grads[i].requires_grad]
+            if not live:
+                continue
+            outs = self._double_backward([grads[i] for i in live], [params[i] for i in live],
+                                         [parts[i] for i in live], batched, retain=False)
+            for i, o in zip(live, outs):
+                if o is not None:
+                    full[i] = full[i] + o
         return full
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -247,9 +282,18 @@ def hutchinson_trace(op: HessianOperator, probes: int, seed: int) -> Estimate:
     if probes < 2:
         raise ValueError(f"probes must be at least 2 (for a standard error), got {probes}")
     gen = generator(seed, op.device)
-    V = rademacher((probes, op.dim), gen, op.device, op.dtype)
-    samples = (V * op.matmat(V)).sum(dim=1)
+    samples = torch.cat([(V * op.matmat(V)).sum(dim=1)
+                         for V in probe_chunks(op, probes, gen)])
     return Estimate(float(samples.mean()), float(samples.std() / math.sqrt(probes)), probes)
+
+
+def probe_chunks(op: HessianOperator, probes: int, gen: torch.Generator) -> Iterator[Tensor]:
+    """``probes`` Rademacher probes drawn from ``gen`` in chunks that one batched HVP takes
+    (one at a time above :data:`BATCHED_HVP_MAX_DIM` parameters), so memory holds a chunk of
+    probes, never all of them; the probes are those of one draw of (probes, dim)."""
+    size = HVP_CHUNK if op.dim <= BATCHED_HVP_MAX_DIM else 1
+    for start in range(0, probes, size):
+        yield rademacher((min(size, probes - start), op.dim), gen, op.device, op.dtype)
 
 
 def hutchpp_trace(op: HessianOperator, hvps: int, seed: int) -> Estimate:

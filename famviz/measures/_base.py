@@ -277,13 +277,25 @@ class Evaluator:
         return float(value.detach())
 
     def loss_and_grad(self, z: Tensor) -> tuple[float, Tensor]:
-        """E(theta + z) and its gradient in z (flat); one forward and one backward pass."""
-        x = (self.theta + z).detach().requires_grad_(True)
-        with torch.enable_grad():
-            value = self._loss(self.params_at(x))
-            (g,) = torch.autograd.grad(value, x)
+        """E(theta + z) and its gradient in z (flat); one forward and one backward pass,
+        accumulated batch by batch (one batch's graph alive at a time)."""
+        obj, N = self.obj, self.obj.num_samples
+        total, grad = 0.0, torch.zeros_like(self.theta)
+        for X, y in obj.batches:
+            x = (self.theta + z).detach().requires_grad_(True)
+            with torch.enable_grad():
+                if self.adversary is not None:
+                    X = self._adversarial_inputs(self.params_at(x), X, y)
+                value = obj.batch_loss(self.params_at(x), X, y) * (len(X) / N)
+                (g,) = torch.autograd.grad(value, x)
+            total += float(value.detach())
+            grad += g
+        if self.adversary is not None:
+            self.forward += self.adversary.steps
+            self.backward += self.adversary.steps
+        self.forward += 1
         self.backward += 1
-        return float(value.detach()), g.detach()
+        return total, grad
 
     def error(self, z: Tensor) -> float:
         """Fraction of misclassified samples at theta + z (argmax of the output against class

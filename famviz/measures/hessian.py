@@ -25,7 +25,7 @@ from ..curvature import (
     new_seed,
     piecewise_linear_stack,
     power_iteration_top,
-    rademacher,
+    probe_chunks,
 )
 from ..objective import (
     LOSSES,
@@ -350,8 +350,8 @@ def hessian_frobenius(
         return FrobeniusResult(math.sqrt(total), 0.0, "exact", tuple(names), op.num_hvps, None,
                                obj.info())
     seed = new_seed() if seed is None else seed
-    V = rademacher((probes, op.dim), generator(seed, op.device), op.device, op.dtype)
-    samples = op.matmat(V).pow(2).sum(dim=1)
+    gen = generator(seed, op.device)
+    samples = torch.cat([op.matmat(V).pow(2).sum(dim=1) for V in probe_chunks(op, probes, gen)])
     sq = float(samples.mean())
     value = math.sqrt(max(sq, 0.0))
     stderr_sq = float(samples.std() / math.sqrt(probes))
