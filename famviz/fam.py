@@ -75,6 +75,7 @@ from .objective import (
     LOSSES,
     as_batches,
     check_option,
+    check_device,
     check_targets,
     double_backward_safe,
     resolve_layer,
@@ -85,6 +86,7 @@ from .replica import check_model, replicate, shared_names
 __all__ = [
     "METHODS",
     "GRADIENTS",
+    "OPTIMIZERS",
     "NORMALIZATIONS",
     "PENALTY_PATHS",
     "DEFAULT_LAM",
@@ -108,6 +110,9 @@ __all__ = [
 METHODS = ("sgd", "fam", "sam", "asam")
 #: how the FAM penalty is differentiated
 GRADIENTS = ("exact", "frozen")
+#: base optimizers by name (SGD with ``momentum``; Adam with its default betas); a callable
+#: ``params -> torch.optim.Optimizer`` gives any other
+OPTIMIZERS = ("sgd", "adam")
 #: how :func:`penalty` computes κ (see the module docstring)
 PENALTY_PATHS = ("softmax", "mse", "gauss_newton", "hvp")
 #: FAM's λ when none is given (a scale that suits the tutorials' digits MLP; it is data dependent)
@@ -753,13 +758,29 @@ class StepInfo:
     backward_passes: int
 
 
+def _base_optimizer(optimizer, named, lr: float, momentum: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer under every method: by name (:data:`OPTIMIZERS`, with ``lr``,
+    ``momentum`` for SGD and ``weight_decay``) or from a factory ``params -> Optimizer``."""
+    if callable(optimizer):
+        made = optimizer([p for _, p in named])
+        if not isinstance(made, torch.optim.Optimizer):
+            raise TypeError(f"optimizer(params) must return a torch.optim.Optimizer, got "
+                            f"{type(made).__name__}")
+        return made
+    check_option("optimizer", optimizer, OPTIMIZERS)
+    if optimizer == "adam":
+        return torch.optim.Adam(named, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(named, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 class Step:
     """One optimizer step of SGD, FAM, SAM or ASAM on ``model`` (trained in place); built by
     :func:`make_step`. Call it with a batch ``(X, y)``; returns a :class:`StepInfo`."""
 
     def __init__(self, model: nn.Module, method: str, *, lam: float, rho: float, lr: float,
                  momentum: float, weight_decay: float, layer: str | None, loss,
-                 normalize: str | None, gradient: str, eta: float):
+                 normalize: str | None, gradient: str, eta: float, optimizer="sgd"):
         self.model = model
         self.method = method
         self.loss_name, self.loss_fn = resolve_loss(loss)
@@ -769,7 +790,7 @@ class Step:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no parameter that requires grad: nothing to train")
-        base = torch.optim.SGD(named, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        base = _base_optimizer(optimizer, named, lr, momentum, weight_decay)
         if method in ("sam", "asam"):
             self.optimizer: torch.optim.Optimizer | SAM = SAM(base, rho=rho,
                                                               adaptive=method == "asam", eta=eta)
@@ -860,10 +881,10 @@ def make_step(model: nn.Module, method: str = "sgd", *, lam: float | None = None
               rho: float | None = None, lr: float = 0.05, momentum: float = 0.9,
               weight_decay: float = 0.0, layer: str | None = None, loss="cross_entropy",
               normalize: str | None = None, gradient: str = "exact",
-              eta: float = ASAM_ETA) -> Step:
+              eta: float = ASAM_ETA, optimizer="sgd") -> Step:
     """A callable ``step(X, y) -> StepInfo`` that trains ``model`` **in place** with one of
-    :data:`METHODS` (SGD with momentum underneath each); for custom training loops. Arguments
-    as in :func:`train`, which uses it."""
+    :data:`METHODS` (over the base ``optimizer``: SGD with momentum by default); for custom
+    training loops. Arguments as in :func:`train`, which uses it."""
     check_model(model)
     check_option("method", method, METHODS)
     check_option("gradient", gradient, GRADIENTS)
@@ -876,7 +897,7 @@ def make_step(model: nn.Module, method: str = "sgd", *, lam: float | None = None
         momentum=_number("momentum", momentum, low=0.0, high=1.0),
         weight_decay=_number("weight_decay", weight_decay, low=0.0),
         layer=layer, loss=loss, normalize=normalize, gradient=gradient,
-        eta=_number("eta", eta, low=0.0, strict=True),
+        eta=_number("eta", eta, low=0.0, strict=True), optimizer=optimizer,
     )
 
 
@@ -923,6 +944,8 @@ class History:
     num_train: int
     num_test: int
     stopped_early: bool = False
+    optimizer: str = "sgd"
+    device: str = "cpu"
     epoch: tuple[int, ...] = ()
     train_loss: tuple[float, ...] = ()
     train_accuracy: tuple[float, ...] = ()
@@ -1054,6 +1077,8 @@ def train(
     callbacks: Sequence[Callable] = (),
     progress: bool = True,
     track_kappa: bool = True,
+    optimizer="sgd",
+    device=None,
 ) -> tuple[nn.Module, History]:
     """Train a copy of ``model`` with SGD, FAM, SAM or ASAM; return ``(trained, history)``.
 
@@ -1111,6 +1136,10 @@ def train(
             (``history.stopped_early`` is then True).
         progress: show a ``tqdm`` progress bar over epochs.
         track_kappa: compute κ on the full training data after every epoch.
+        optimizer: the base optimizer under every method: ``"sgd"`` (with ``momentum``,
+            the default) or ``"adam"``, both with ``lr`` and ``weight_decay``; or a factory
+            ``params -> torch.optim.Optimizer`` for any other (SAM/ASAM wrap it).
+        device: train (and evaluate) on this device; default: the model's.
 
     Raises:
         ValueError: an unknown method/option, λ < 0, ρ < 0, epochs < 1, a layer that is not an
@@ -1136,6 +1165,8 @@ def train(
     epochs = _number("epochs", epochs, low=1, integer=True)
     batch_size = _number("batch_size", batch_size, low=1, integer=True)
     seed = new_seed() if seed is None else check_seed("seed", seed)
+    if not callable(optimizer):
+        check_option("optimizer", optimizer, OPTIMIZERS)
     if isinstance(test_data, str):
         raise TypeError(f"test_data is the string {test_data!r}; pass the method by keyword: "
                         f"train(model, train_data, method={test_data!r})")
@@ -1151,7 +1182,8 @@ def train(
     first = next(iter(model.parameters()), None)
     if first is None:
         raise ValueError("the model has no parameters")
-    dtype, device = first.dtype, first.device
+    dtype = first.dtype
+    device = check_device(device) or first.device
     X, y = _tensors(train_data, "train_data", dtype, device, loss_name)
     if test_data is not None:
         X_test, y_test = _tensors(test_data, "test_data", dtype, device, loss_name)
@@ -1166,8 +1198,9 @@ def train(
         )
 
     # the trained copy: a replica that owns its parameters and buffers (hooks kept)
-    net = replicate(model, {n: p.detach().clone() for n, p in model.named_parameters()},
-                    {n: b.detach().clone() for n, b in model.named_buffers()})
+    net = replicate(model, {n: p.detach().to(device, copy=True)
+                            for n, p in model.named_parameters()},
+                    {n: b.detach().to(device, copy=True) for n, b in model.named_buffers()})
     modes = [m.training for m in net.modules()]
     with torch.no_grad(), _eval_modes(net):  # clear errors before any training
         for what, inputs in (("train_data", X), ("test_data", X_test)):
@@ -1183,7 +1216,7 @@ def train(
 
     step = make_step(net, method, lam=lam, rho=rho, lr=lr, momentum=momentum,
                      weight_decay=weight_decay, layer=layer_name, loss=loss, normalize=normalize,
-                     gradient=gradient, eta=eta)
+                     gradient=gradient, eta=eta, optimizer=optimizer)
     is_fam, is_sam = method == "fam", method in ("sam", "asam")
     history = History(
         method=method, layer=layer_name, loss=loss_name, seed=seed, epochs=epochs,
@@ -1193,6 +1226,9 @@ def train(
         eta=float(eta) if method == "asam" else None,
         normalize=normalize if is_fam else None, gradient=gradient if is_fam else None,
         penalty_path=None, num_train=len(X), num_test=len(X_test),
+        optimizer=optimizer if isinstance(optimizer, str) else getattr(
+            optimizer, "__name__", type(optimizer).__name__),
+        device=str(device),
     )
 
     from tqdm.auto import tqdm  # noqa: PLC0415 (kept out of the core's import time)

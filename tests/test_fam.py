@@ -661,3 +661,24 @@ def test_penalty_tap_reuses_the_training_forward(layer, gradient):
     assert not any(m._forward_hooks for m in model.modules())
     with pytest.raises(ValueError, match="has not run"):
         tap.penalty(out, y)
+
+
+def test_train_takes_any_optimizer_and_a_device():
+    train_data, test_data = fv.data.moons(n_samples=80, seed=0)
+    model = fv.models.mlp([2, 8, 2], seed=0)
+    _, adam = fam.train(model, train_data, epochs=2, optimizer="adam", lr=0.01, seed=0,
+                        progress=False)
+    factory = lambda params: torch.optim.Adam(params, lr=0.01)  # noqa: E731
+    _, made = fam.train(model, train_data, epochs=2, optimizer=factory, seed=0, progress=False)
+    assert adam.train_loss == made.train_loss and adam.optimizer == "adam"
+    _, sgd = fam.train(model, train_data, epochs=2, seed=0, progress=False)
+    assert sgd.train_loss != adam.train_loss
+    _, sam_adam = fam.train(model, train_data, epochs=1, method="sam", optimizer="adam",
+                            lr=0.01, seed=0, progress=False)
+    assert len(sam_adam) == 1
+    trained, h = fam.train(model, train_data, epochs=1, seed=0, device="cpu", progress=False)
+    assert h.device == "cpu" and next(trained.parameters()).device.type == "cpu"
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
+        fam.train(model, train_data, optimizer="rmsprop")
+    with pytest.raises(TypeError, match="must return a torch.optim.Optimizer"):
+        fam.train(model, train_data, optimizer=lambda params: None, progress=False)
