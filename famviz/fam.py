@@ -3,7 +3,7 @@
 **FAM** (relative flatness aware minimization; Adilova, Abourayya, Li, Dada, Petzka, Egger,
 Kleesiek, Kamp — "FAM: Relative Flatness Aware Minimization", TAG-ML workshop at ICML 2023)
 adds λ times the relative flatness of one ``nn.Linear`` feature layer, measured on the current
-mini-batch, to the loss (MATH.md §3):
+mini-batch, to the loss (docs/math.md §3):
 
 .. math::
 
@@ -35,7 +35,7 @@ the loss curvature) — a third-order quantity obtained by double backpropagatio
 ``gradient="frozen"`` treats T as a constant for the step: the gradient is
 :math:`\\partial\\kappa/\\partial W = 2\\,T W` on W only (÷ m when normalized) — a data-dependent
 weight decay, nothing below W. That is what the public FAM code effectively computes, because it
-wraps the Hessian in a new leaf tensor, which cuts the graph (MATH.md §6).
+wraps the Hessian in a new leaf tensor, which cuts the graph (docs/math.md §6).
 
 **SAM** (Foret, Kleiner, Mobahi, Neyshabur — "Sharpness-Aware Minimization for Efficiently
 Improving Generalization", ICLR 2021) and **ASAM** (Kwon, Kim, Park, Choi — "ASAM: Adaptive
@@ -405,7 +405,7 @@ def penalty(
         \\kappa(W) = \\sum_{s,s'} \\langle w_s, w_{s'}\\rangle\\,\\mathrm{Tr}(H_{s,s'}),
         \\qquad T = \\sum_n \\|\\phi_n\\|^2\\,\\frac{\\partial^2 E}{\\partial z_n^2}
 
-    (Petzka et al. 2021; used as a regularizer by Adilova et al. 2023, MATH.md §1 and §3). The
+    (Petzka et al. 2021; used as a regularizer by Adilova et al. 2023, docs/math.md §1 and §3). The
     value equals ``famviz.relative_flatness(model, batch, layer, loss, normalize=normalize)``.
 
     The model is run on its own parameters, so ``(loss + lam * penalty(...)).backward()`` fills
@@ -424,12 +424,12 @@ def penalty(
         gradient: ``"exact"`` — the true gradient of κ w.r.t. every parameter (W, its bias, the
             layers below through φ and above through the curvature); ``"frozen"`` — T held
             constant: the gradient is :math:`2TW` (÷ m) on W only, what the public FAM code
-            effectively computes (MATH.md §6).
+            effectively computes (docs/math.md §6).
 
     Returns:
         A 0-dim tensor in the model's dtype.
 
-    Example (MATH.md §1: one sample, φ = [1, 0], W = [[2, 0], [0, 0]]: κ = 4σ(2)(1 − σ(2)), and
+    Example (docs/math.md §1: one sample, φ = [1, 0], W = [[2, 0], [0, 0]]: κ = 4σ(2)(1 − σ(2)), and
     the frozen gradient on W is 2TW with T = p(1−p)[[1, −1], [−1, 1]]):
 
     >>> import torch

@@ -42,7 +42,7 @@ def digits():
 @pytest.fixture(scope="module")
 def net():
     """64-24-16-10 ReLU MLP at initialization: no dead features on the data, so the std
-    canonical form makes κ exactly T2-invariant (MATH.md §2)."""
+    canonical form makes κ exactly T2-invariant (docs/math.md §2)."""
     return fv.models.mlp([64, 24, 16, 10], seed=8).double()
 
 

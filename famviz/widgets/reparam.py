@@ -75,7 +75,7 @@ def _log_slider(description: str, tooltip: str) -> W.FloatLogSlider:
 class ReparamExplorer(Dashboard):
     """Function-preserving reparameterizations of a ReLU network with live flatness measures.
 
-    Controls (MATH.md §2):
+    Controls (docs/math.md §2):
 
     * **T1** — one log-scale slider α per pair of consecutive Linear layers
       (:func:`famviz.reparam.consecutive_pairs`): the lower layer ×α, the upper ÷α.
@@ -159,7 +159,7 @@ class ReparamExplorer(Dashboard):
         u = torch.randn(w_out.shape[1], generator=g, dtype=dtype)
         self._u = u / u.norm() * w_out.norm(dim=1).mean()  # t = 1: a shift as large as a row
         # dead features (zero std on the data) keep their scale in the std canonical form, so
-        # κ with normalize_features is T2-invariant only without them (MATH.md §2)
+        # κ with normalize_features is T2-invariant only without them (docs/math.md §2)
         self.dead_features = (int((reparam.feature_std(self._start_model, self.layer, data)
                                    < reparam.MIN_FEATURE_STD).sum()) if self.below else 0)
         self._direction = landscape.random_direction(self._start_model, norm="none",
