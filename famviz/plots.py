@@ -40,11 +40,23 @@ def measure_name(name: str) -> str:
     return SHORT_NAMES.get(name, name.replace("_", " "))
 
 
-def log_axis(**extra) -> dict:
-    """Layout of a log axis with a tick at every decade only, labelled 10⁻², 10⁻¹, 1, 10, …
-    (plotly's default labels every minor tick: "5 2 10 5 2")."""
-    return {"type": "log", "dtick": 1, "exponentformat": "power", "minor": {"ticks": ""},
-            **extra}
+def log_axis(values=None, *, pad: float = 0.05, **extra) -> dict:
+    """Layout of a log axis that labels decades only (10⁻¹, 1, 10, 10², …); plotly's default
+    labels minor ticks too ("5 2 10 5 2 1"). With ``values`` (what the axis will show) the
+    range is set to whole decades when they span one or more, so at least two labels show;
+    within less than a decade plotly's own ticks (plain numbers) are kept. ``pad``: headroom
+    in decades (e.g. for text above bars). ``extra`` is merged in (e.g. ``title=``)."""
+    axis = {"type": "log", "exponentformat": "power", "minor": {"showgrid": False}}
+    v = [float(x) for x in (values if values is not None else [])
+         if x is not None and np.isfinite(x) and x > 0]
+    if not v:
+        axis.update(dtick=1)
+    elif np.log10(max(v)) - np.log10(min(v)) >= 1:
+        lo, hi = np.log10(min(v)) - pad, np.log10(max(v)) + pad
+        axis.update(dtick=1, autorange=False, range=[float(np.floor(lo)), float(np.ceil(hi))])
+    else:
+        axis.update(dtick=None, autorange=True, range=None, tickformat=".3~g")
+    return {**axis, **extra}
 
 
 def _set_traces(fig: go.Figure, traces: list) -> None:
@@ -81,14 +93,12 @@ def axis_title(s: Slice1D | Slice2D, axis: int = 0) -> str:
 
 
 def _short_axis_title(s: Slice1D | Slice2D, axis: int) -> str:
-    """What fits on a 3-D axis: ``"a: d1 random, filter"``, ``"b: d2 hessian"``."""
+    """What fits on a 3-D axis: ``"a (d1)"``; the contour plot beside says the rest."""
     dirs = s.meta.get("directions", [])
     d = dirs[axis] if axis < len(dirs) else {}
-    kind = d.get("kind", "custom")
-    if kind == "interpolation":
+    if d.get("kind") == "interpolation":
         return "t (0: A, 1: B)"
-    norm = {"filter": ", filter", "layer": ", layer", "none": ", none"}.get(d.get("norm"), "")
-    return f"{'ab'[axis] if axis < 2 else 'c'}: d{axis + 1} {kind}{norm}"
+    return f"{'ab'[axis] if axis < 2 else 'c'} (d{axis + 1})"
 
 
 def _check(s, cls):
@@ -203,7 +213,8 @@ def curve(*slices: Slice1D, labels=None, accuracy: bool = False, log: bool = Fal
         _set_traces(fig, traces)
         fig.update_layout(title=title or f"{what} along a direction",
                           xaxis_title=axis_title(slices[0], 0), yaxis_title=what,
-                          yaxis=log_axis() if log else {"type": "linear"})
+                          yaxis=log_axis([v for t in traces for v in t.y]) if log
+                          else {"type": "linear"})
     return fig
 
 
@@ -275,5 +286,5 @@ def measures_bar(table, *others, labels=None, relative: bool = False, log: bool 
             height=min(1400, max(320, 120 + 22 * len(names) * len(tables))),
         )
         if log:
-            fig.update_xaxes(**log_axis())
+            fig.update_xaxes(**log_axis([x for xs, _ in series for x in xs]))
     return fig

@@ -31,8 +31,8 @@ def test_surface_orientation_and_labels(slices):
     assert z.shape == (5, 7)  # rows run along y
     assert np.array_equal(z, s2.values.T)
     # short 3-D axis titles (long ones are clipped in a scene)
-    assert fig.layout.scene.xaxis.title.text == "a: d1 random, filter"
-    assert fig.layout.scene.yaxis.title.text == "b: d2 random, none"
+    assert fig.layout.scene.xaxis.title.text == "a (d1)"
+    assert fig.layout.scene.yaxis.title.text == "b (d2)"
     assert fig.data[1].z[0] == pytest.approx(s2.centre_loss)
 
 
@@ -76,6 +76,10 @@ def test_redraw_keeps_the_traces_and_resets_what_is_not_set(slices):
 
 def test_log_axes_tick_decades_and_measures_have_names():
     assert plots.log_axis()["dtick"] == 1 and plots.log_axis()["type"] == "log"
+    wide = plots.log_axis([0.5, 1.0, 2205.0], title="ratio")
+    assert wide["dtick"] == 1 and wide["range"] == [-1.0, 4.0] and wide["title"] == "ratio"
+    narrow = plots.log_axis([0.3, 0.6])  # within a decade: plotly's plain ticks
+    assert narrow["dtick"] is None and narrow["autorange"] is True
     assert plots.measure_name("hessian_top_eigenvalue") == "λ_max(H)"
     assert plots.measure_name("new_measure") == "new measure"
 

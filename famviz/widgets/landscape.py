@@ -39,7 +39,7 @@ class LandscapeResult:
 
 
 class LandscapeExplorer(Dashboard):
-    """Explore 2-D slices :math:`E(\\theta + \\alpha d_1 + \\beta d_2)` of the loss surface.
+    """Explore 2-D slices :math:`E(\\theta + a\\, d_1 + b\\, d_2)` of the loss surface.
 
     Controls: the directions (two random directions, or the top-2 Hessian eigenvectors), their
     normalization (filter, layer, none; Li et al. 2018), the seed of the random directions,

@@ -237,7 +237,8 @@ class ReparamExplorer(Dashboard):
         lecture = go.Figure(layout={
             "title": {"text": f"T1 on {self.lecture_pair[0]}→{self.lecture_pair[1]}: "
                               "each measure ÷ its start value", "font": {"size": 13}},
-            "height": 320, "xaxis": plots.log_axis(title="α (rescaling factor)"),
+            "height": 320, "xaxis": plots.log_axis([10 ** -LOG_RANGE, 10 ** LOG_RANGE],
+                                                   title="α (rescaling factor)"),
             "yaxis": plots.log_axis(title="ratio to start"),
             "margin": {"l": 60, "r": 10, "t": 40, "b": 45},
             "legend": {"orientation": "h", "y": -0.25, "x": 0}})
@@ -461,6 +462,8 @@ class ReparamExplorer(Dashboard):
             bar.hovertext = [r.label for r in table]
             # green: unchanged; orange: moved (not an error: the lesson is which ones move)
             bar.marker.color = ["#2ca02c" if u else "#ff7f0e" for u in unchanged]
+            self.measures_figure.update_yaxes(**plots.log_axis([*ratios.values(), 1.0],
+                                                               pad=0.35))
         with self.slice_figure.batch_update():
             for k, (now, before) in enumerate(((raw, self._raw_start),
                                                (filtered, self._filtered_start))):
@@ -490,6 +493,8 @@ class ReparamExplorer(Dashboard):
             for trace, name in zip(self.lecture_figure.data, self.measures):
                 trace.x = xs
                 trace.y = [self._lecture_points[a][name] for a in xs]
+            self.lecture_figure.update_yaxes(**plots.log_axis(
+                [1.0, *(v for p in self._lecture_points.values() for v in p.values())]))
             self.lecture_figure.layout.shapes = [{
                 "type": "line", "xref": "x", "yref": "paper", "x0": current, "x1": current,
                 "y0": 0, "y1": 1, "line": {"color": "grey", "dash": "dot", "width": 1}}]

@@ -234,6 +234,7 @@ class TrainingExplorer(Dashboard):
             for k, (_, key, _) in enumerate(_TRACES):
                 self.figure.data[offset + k].update(x=list(history.epoch),
                                                     y=list(getattr(history, key)))
+            self._log_ranges()
         self.figure_view.refresh()
         self.progress.value = len(history)
         self.progress_label.value = f"{len(history)} / {self.progress.max}"
@@ -253,4 +254,12 @@ class TrainingExplorer(Dashboard):
             for k in range(n):
                 self.figure.data[k].name = name
                 self.figure.data[n + k].name = self.label()
+            self._log_ranges()
         self.figure_view.refresh()
+
+    def _log_ranges(self) -> None:
+        """Decade ticks on the log panels (loss, κ) for the values both runs show."""
+        for col in (1, 3):
+            values = [v for (c, _, _), trace in zip(_TRACES * 2, self.figure.data)
+                      if c == col for v in (trace.y or ())]
+            self.figure.update_yaxes(**plots.log_axis(values), row=1, col=col)
