@@ -1,5 +1,6 @@
-"""The dashboards without a browser: ipywidgets and FigureWidget work headless, so setting a
-control runs the callback and the results and figure data can be checked against the core."""
+"""The dashboards without a browser: ipywidgets work headless, so setting a control runs the
+callback, and the results, the figures and the state every view draws (the Outputs' figure
+JSON) can be checked against the core."""
 
 from __future__ import annotations
 
