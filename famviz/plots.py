@@ -1,7 +1,8 @@
 """plotly figures made from famviz result objects.
 
 Imports plotly and the famviz core, never ipywidgets: every function returns a
-``plotly.graph_objects.Figure`` (pass ``fig=`` a ``FigureWidget`` to draw into it in place).
+``plotly.graph_objects.Figure``; pass ``fig=`` an existing figure to redraw it in place (its
+traces are kept when their types match).
 """
 
 from __future__ import annotations

@@ -127,7 +127,9 @@ class ReparamExplorer(Dashboard):
         no such layer, or T5 without cross-entropy); normalize: checkbox; dead_features: the
         number of features of ``layer`` that are zero on all the data; readout: the table
         (each value in ``<td class="famviz-value" data-measure=NAME>``);
-        measures_figure, slice_figure: the ``go.FigureWidget`` s; result: :class:`ReparamResult`.
+        measures_figure, lecture_figure, slice_figure: the ``go.Figure`` s, shown by
+        measures_view, lecture_view, slice_view (:class:`~famviz.widgets._base.PlotView`);
+        lecture_pair: the α of the lecture view; result: :class:`ReparamResult`.
     """
 
     css_class = "famviz-reparam"
