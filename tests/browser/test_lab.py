@@ -116,15 +116,15 @@ def test_dashboards_in_jupyterlab_survive_a_reload(page, lab_server, artifacts_d
     reparam.scroll_into_view_if_needed()
     reparam.screenshot(path=str(artifacts_dir / "lab-reparam.png"))
 
-    # Known open problem: after a finished run, JupyterLab's widget manager often fails to
-    # rebuild the TrainingExplorer on reload ("Error displaying widget: model not found"),
-    # although every one of its models is alive in the kernel; its request for all widget
-    # states gives up after 4 s on a loaded machine and falls back to one request per widget.
+    # Known open problem: once its epochs slider has been moved, JupyterLab's widget manager
+    # fails to rebuild the TrainingExplorer on reload ("Error displaying widget: model not
+    # found"), although all of its models are alive in the kernel (checked with comm_info);
+    # the same widgets alone (slider, progress, label, observer) rebuild fine; cause not found.
     # Reported as an expected failure, not hidden: when it does come back, it must be right.
     try:
         expect(training).to_be_visible(timeout=30_000)
     except AssertionError:
-        pytest.xfail("TrainingExplorer not rebuilt after the reload (widget manager restore)")
+        pytest.xfail("TrainingExplorer not rebuilt after the reload (known, see comment)")
     wait_for_plot(training, "famviz-training-plot",
                   f"(p) => p.traces === 10 && p.names[5] === {label!r} && "
                   "Array.isArray(p.y[5]) && p.y[5].length === 1",
