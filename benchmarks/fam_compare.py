@@ -20,7 +20,7 @@ unnormalized) and λ = 0.01 with the frozen gradient; ``sam`` (ρ = 0.05); ``asa
 shuffling; every method sees the same initializations and the same seeds.
 
 Reported per method (mean ± std over seeds, after the last epoch): test accuracy; the
-generalization gap, test loss − train loss (MATH.md §5), and the accuracy gap, train − test
+generalization gap, test loss − train loss (docs/math.md §5), and the accuracy gap, train − test
 accuracy; κ of the last layer on the full training set (``famviz.relative_flatness``); mean time
 per step (absolute times are only comparable within one run on this shared machine).
 """

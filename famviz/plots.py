@@ -1,7 +1,8 @@
 """plotly figures made from famviz result objects.
 
 Imports plotly and the famviz core, never ipywidgets: every function returns a
-``plotly.graph_objects.Figure`` (pass ``fig=`` a ``FigureWidget`` to draw into it in place).
+``plotly.graph_objects.Figure``; pass ``fig=`` an existing figure to redraw it in place (its
+traces are kept when their types match).
 """
 
 from __future__ import annotations
@@ -11,23 +12,94 @@ import plotly.graph_objects as go
 
 from .landscape import Slice1D, Slice2D
 
-__all__ = ["surface", "contour", "curve", "axis_title", "measures_bar"]
+__all__ = ["surface", "contour", "curve", "axis_title", "measures_bar", "measure_name",
+           "log_axis"]
 
 _TRAIN, _TEST = "#1f77b4", "#d62728"
 
+#: short names of the measures for axes and legends (the long label, with the paper, is the
+#: hover text)
+SHORT_NAMES = {
+    "relative_flatness": "κ (relative flatness)",
+    "hessian_trace": "Tr(H)",
+    "hessian_top_eigenvalue": "λ_max(H)",
+    "hessian_frobenius": "‖H‖_F",
+    "eps_sharpness": "ε-sharpness",
+    "adaptive_sharpness": "adaptive sharpness",
+    "adaptive_sharpness_average": "adaptive sharpness (avg)",
+    "average_flatness": "average-case flatness",
+    "worst_case_flatness": "worst-case flatness",
+    "pac_bayes_flatness": "PAC-Bayes 1/σ²",
+    "fisher_rao_norm": "Fisher–Rao norm",
+    "basin_volume": "basin radius",
+}
+
+
+def measure_name(name: str) -> str:
+    """A measure's short human name (``"hessian_trace"`` → ``"Tr(H)"``); unknown names are
+    returned with underscores as spaces."""
+    return SHORT_NAMES.get(name, name.replace("_", " "))
+
+
+def log_axis(values=None, *, pad: float = 0.05, **extra) -> dict:
+    """Layout of a log axis that labels decades only (10⁻¹, 1, 10, 10², …); plotly's default
+    labels minor ticks too ("5 2 10 5 2 1"). With ``values`` (what the axis will show) the
+    range is set to whole decades when they span one or more, so at least two labels show;
+    within less than a decade plotly's own ticks (plain numbers) are kept. ``pad``: headroom
+    in decades (e.g. for text above bars). ``extra`` is merged in (e.g. ``title=``)."""
+    axis = {"type": "log", "exponentformat": "power", "minor": {"showgrid": False}}
+    v = [float(x) for x in (values if values is not None else [])
+         if x is not None and np.isfinite(x) and x > 0]
+    if not v:
+        axis.update(dtick=1)
+    elif np.log10(max(v)) - np.log10(min(v)) >= 1:
+        lo, hi = np.log10(min(v)) - pad, np.log10(max(v)) + pad
+        axis.update(dtick=1, autorange=False, range=[float(np.floor(lo)), float(np.ceil(hi))])
+    else:
+        axis.update(dtick=None, autorange=True, range=None, tickformat=".3~g")
+    return {**axis, **extra}
+
+
+def _set_traces(fig: go.Figure, traces: list) -> None:
+    """Put ``traces`` into ``fig``: in place when ``fig`` already holds traces of the same
+    types in the same order (their properties are overwritten, the trace objects kept, so an
+    update inside ``batch_update`` is a single restyle), else by replacing ``fig.data``."""
+    if [t.type for t in fig.data] == [t.type for t in traces]:
+        for old, new in zip(fig.data, traces):
+            props = new.to_plotly_json()
+            props.pop("type", None)
+            # a property the new trace leaves unset is reset, not kept from the old one
+            for key in old.to_plotly_json():
+                if key not in props and key not in ("type", "uid"):
+                    props[key] = None
+            old.update(props)
+    else:
+        fig.data = []
+        fig.add_traces(traces)
+
 
 def axis_title(s: Slice1D | Slice2D, axis: int = 0) -> str:
-    """What a slice coordinate means, e.g. ``"α along d1 (random, filter-normalized)"``."""
+    """What a slice coordinate means, e.g. ``"a along d1 (random, filter-normalized)"``."""
     dirs = s.meta.get("directions", [])
     d = dirs[axis] if axis < len(dirs) else {}
     kind = d.get("kind", "custom")
-    symbol = "αβ"[axis] if axis < 2 else "c"
+    # a, b: not α, which names the rescaling factor of the reparameterizations
+    symbol = "ab"[axis] if axis < 2 else "c"
     if kind == "interpolation":
         return "t: 0 = model A, 1 = model B"
     norm = d.get("norm", "none")
     norm_text = {"filter": "filter-normalized", "layer": "layer-normalized"}.get(norm, "unnormalized")
     extra = f", λ = {d['eigenvalue']:.3g}" if "eigenvalue" in d else ""
     return f"{symbol} along d{axis + 1} ({kind}, {norm_text}{extra})"
+
+
+def _short_axis_title(s: Slice1D | Slice2D, axis: int) -> str:
+    """What fits on a 3-D axis: ``"a (d1)"``; the contour plot beside says the rest."""
+    dirs = s.meta.get("directions", [])
+    d = dirs[axis] if axis < len(dirs) else {}
+    if d.get("kind") == "interpolation":
+        return "t (0: A, 1: B)"
+    return f"{'ab'[axis] if axis < 2 else 'c'} (d{axis + 1})"
 
 
 def _check(s, cls):
@@ -54,17 +126,20 @@ def surface(s: Slice2D, *, test: bool = False, log: bool = False, fig: go.Figure
     _check(s, Slice2D)
     zz, label = _grid(s, test, log)
     fig = fig if fig is not None else go.Figure()
+    i, j = s.centre_index
     with fig.batch_update():
-        fig.data = []
-        fig.add_trace(go.Surface(x=s.x, y=s.y, z=zz.T, colorscale="Viridis",
-                                 colorbar={"title": label}, name=label))
-        i, j = s.centre_index
-        fig.add_trace(go.Scatter3d(x=[0.0], y=[0.0], z=[zz[i, j]], mode="markers",
-                                   marker={"size": 5, "color": "red"}, name="model"))
+        _set_traces(fig, [
+            go.Surface(x=s.x, y=s.y, z=zz.T, colorscale="Viridis", name=label,
+                       colorbar={"title": {"text": label, "side": "right"}, "len": 0.8,
+                                 "thickness": 15}),
+            go.Scatter3d(x=[0.0], y=[0.0], z=[zz[i, j]], mode="markers",
+                         marker={"size": 5, "color": "red"}, name="model")])
+        # short axis titles: long ones are clipped in the 3-D scene; the full ones in the title
         fig.update_layout(
-            title=title or f"Loss surface ({label})",
-            scene={"xaxis_title": axis_title(s, 0), "yaxis_title": axis_title(s, 1),
-                   "zaxis_title": label},
+            title={"text": title or f"Loss surface ({label})", "font": {"size": 13}},
+            scene={"xaxis_title": _short_axis_title(s, 0),
+                   "yaxis_title": _short_axis_title(s, 1), "zaxis_title": "",
+                   "aspectmode": "cube"},
             margin={"l": 0, "r": 0, "t": 40, "b": 0},
         )
     return fig
@@ -78,22 +153,24 @@ def contour(s: Slice2D, *, test: bool = False, trajectory: np.ndarray | None = N
     Levels are log-spaced by default, since losses span orders of magnitude."""
     _check(s, Slice2D)
     zz, label = _grid(s, test, log)
+    traces = [go.Contour(x=s.x, y=s.y, z=zz.T, ncontours=levels, colorscale="Viridis",
+                         name=label, colorbar={"title": {"text": label, "side": "right"},
+                                               "thickness": 15})]
+    if trajectory is not None:
+        t = np.asarray(trajectory, dtype=float)
+        if t.ndim != 2 or t.shape[1] != 2:
+            raise ValueError(f"trajectory must have shape (T, 2), got {t.shape}")
+        traces.append(go.Scatter(x=t[:, 0], y=t[:, 1], mode="lines+markers",
+                                 line={"color": "white"}, marker={"size": 4},
+                                 name="trajectory"))
+    traces.append(go.Scatter(x=[0.0], y=[0.0], mode="markers", name="model",
+                             marker={"symbol": "x", "size": 11, "color": "red"}))
     fig = fig if fig is not None else go.Figure()
     with fig.batch_update():
-        fig.data = []
-        fig.add_trace(go.Contour(x=s.x, y=s.y, z=zz.T, ncontours=levels, colorscale="Viridis",
-                                 colorbar={"title": label}, name=label))
-        if trajectory is not None:
-            t = np.asarray(trajectory, dtype=float)
-            if t.ndim != 2 or t.shape[1] != 2:
-                raise ValueError(f"trajectory must have shape (T, 2), got {t.shape}")
-            fig.add_trace(go.Scatter(x=t[:, 0], y=t[:, 1], mode="lines+markers",
-                                     line={"color": "white"}, marker={"size": 4},
-                                     name="trajectory"))
-        fig.add_trace(go.Scatter(x=[0.0], y=[0.0], mode="markers", name="model",
-                                 marker={"symbol": "x", "size": 11, "color": "red"}))
+        _set_traces(fig, traces)
         # the legend above the plot, clear of the colour bar on the right
-        fig.update_layout(title=title or f"Loss contours ({label})",
+        fig.update_layout(title={"text": title or f"Loss contours ({label})",
+                                 "font": {"size": 13}},
                           xaxis_title=axis_title(s, 0), yaxis_title=axis_title(s, 1),
                           legend={"orientation": "h", "yanchor": "bottom", "y": 1.0,
                                   "xanchor": "right", "x": 1.0})
@@ -114,27 +191,31 @@ def curve(*slices: Slice1D, labels=None, accuracy: bool = False, log: bool = Fal
     if len(labels) != len(slices):
         raise ValueError("labels must have one entry per slice")
     what = "accuracy" if accuracy else "loss"
-    fig = fig if fig is not None else go.Figure()
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]
+    dashes = ["solid", "dot", "dashdot", "longdash"]
+    traces = []
+    for k, (s, lab) in enumerate(zip(slices, labels)):
+        color = palette[k % len(palette)]
+        train = s.accuracy if accuracy else s.values
+        test = s.test_accuracy if accuracy else s.test_values
+        if train is None:
+            raise ValueError("no accuracy in this slice (it needs class labels)")
+        # overlapping curves stay distinguishable: each slice its own dash and markers
+        traces.append(go.Scatter(x=s.x, y=train, mode="lines", name=f"{lab} · train",
+                                 line={"color": color, "dash": dashes[k % len(dashes)]}))
+        if test is not None:
+            traces.append(go.Scatter(x=s.x, y=test, mode="lines", name=f"{lab} · test",
+                                     line={"color": color, "dash": "dash"}))
+        c = s.centre_index
+        traces.append(go.Scatter(x=[0.0], y=[train[c]], mode="markers", showlegend=False,
+                                 marker={"color": color, "size": 8}))
+    fig = fig if fig is not None else go.Figure()
     with fig.batch_update():
-        fig.data = []
-        for k, (s, lab) in enumerate(zip(slices, labels)):
-            color = palette[k % len(palette)]
-            train = s.accuracy if accuracy else s.values
-            test = s.test_accuracy if accuracy else s.test_values
-            if train is None:
-                raise ValueError("no accuracy in this slice (it needs class labels)")
-            fig.add_trace(go.Scatter(x=s.x, y=train, mode="lines", name=f"{lab} · train",
-                                     line={"color": color}))
-            if test is not None:
-                fig.add_trace(go.Scatter(x=s.x, y=test, mode="lines", name=f"{lab} · test",
-                                         line={"color": color, "dash": "dash"}))
-            c = s.centre_index
-            fig.add_trace(go.Scatter(x=[0.0], y=[train[c]], mode="markers", showlegend=False,
-                                     marker={"color": color, "size": 8}))
+        _set_traces(fig, traces)
         fig.update_layout(title=title or f"{what} along a direction",
                           xaxis_title=axis_title(slices[0], 0), yaxis_title=what,
-                          yaxis_type="log" if log else None)
+                          yaxis=log_axis([v for t in traces for v in t.y]) if log
+                          else {"type": "linear"})
     return fig
 
 
@@ -177,21 +258,23 @@ def measures_bar(table, *others, labels=None, relative: bool = False, log: bool 
     if log is None:
         log = all(x > 0 for xs, _ in series for x in xs if np.isfinite(x))
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#d62728"]
+    traces = []
+    for k, (t, lab, (xs, errs)) in enumerate(zip(tables, labels, series)):
+        hover = [
+            f"{r.label}<br>value {r.value:.4g}"
+            + (f" ± {r.stderr:.2g}" if np.isfinite(r.stderr) and r.stderr > 0 else "")
+            + f"<br>higher is {r.higher_is}<br>"
+            + ", ".join(f"{tr}: {v}" for tr, v in r.invariance.items())
+            + f"<br>{r.cost.seconds:.3g} s" for r in t]
+        traces.append(go.Bar(y=[measure_name(n) for n in names], x=xs, orientation="h",
+                             name=lab,
+                             error_x={"type": "data", "array": errs, "visible": True},
+                             marker={"color": palette[k % len(palette)]},
+                             hovertext=hover, hoverinfo="text"))
     fig = fig if fig is not None else go.Figure()
     with fig.batch_update():
-        fig.data = []
+        _set_traces(fig, traces)
         fig.layout.shapes = []
-        for k, (t, lab, (xs, errs)) in enumerate(zip(tables, labels, series)):
-            hover = [
-                f"{r.label}<br>value {r.value:.4g}"
-                + (f" ± {r.stderr:.2g}" if np.isfinite(r.stderr) and r.stderr > 0 else "")
-                + f"<br>higher is {r.higher_is}<br>"
-                + ", ".join(f"{tr}: {v}" for tr, v in r.invariance.items())
-                + f"<br>{r.cost.seconds:.3g} s" for r in t]
-            fig.add_trace(go.Bar(y=names, x=xs, orientation="h", name=lab,
-                                 error_x={"type": "data", "array": errs, "visible": True},
-                                 marker={"color": palette[k % len(palette)]},
-                                 hovertext=hover, hoverinfo="text"))
         if relative:
             fig.add_shape(type="line", x0=1.0, x1=1.0, xref="x", y0=0, y1=1, yref="paper",
                           line={"dash": "dot", "color": "gray"})
@@ -203,6 +286,8 @@ def measures_bar(table, *others, labels=None, relative: bool = False, log: bool 
             yaxis={"autorange": "reversed"},
             height=min(1400, max(320, 120 + 22 * len(names) * len(tables))),
         )
+        if log:
+            fig.update_xaxes(**log_axis([x for xs, _ in series for x in xs]))
     return fig
 
 

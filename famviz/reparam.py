@@ -7,7 +7,7 @@ the ReLU is *positively homogeneous*: :math:`\mathrm{relu}(c\,u) = c\,\mathrm{re
 used this to show that naive sharpness measures (Hessian trace, largest eigenvalue,
 :math:`\epsilon`-sharpness) can be made arbitrarily large or small without changing the
 function; relative flatness (Petzka et al., 2021) is built to be invariant to these changes.
-This module makes the changes, so that a measure can be computed before and after (MATH.md §2):
+This module makes the changes, so that a measure can be computed before and after (docs/math.md §2):
 
 * :func:`scale_layers` (T1): the layer below (weight and bias) :math:`\times\alpha`, the next
   layer's weight :math:`\div\alpha`;
@@ -514,7 +514,7 @@ def scale_neurons(model: nn.Module, first: str, second: str, scales) -> nn.Modul
         W_2 \to W_2 \operatorname{diag}(c)^{-1},\qquad c_k > 0.
 
     The function is unchanged because :math:`g(c_k u) = c_k g(u)` elementwise (Dinh et al.,
-    2017). For ``second`` this is T2 of MATH.md §2, which changes relative flatness unless the
+    2017). For ``second`` this is T2 of docs/math.md §2, which changes relative flatness unless the
     features are first normalized (:func:`normalize_features`); for ``first`` it is the row
     rescaling T3, to which relative flatness of ``first`` is invariant (Petzka et al., 2021).
 
@@ -686,7 +686,7 @@ def normalize_features(model: nn.Module, layer: str, data) -> nn.Module:
         W_{:,k} \to \sigma_k W_{:,k},
 
     which preserves the function and maps all networks that differ by a per-neuron rescaling
-    (T2 of MATH.md §2, Dinh et al., 2017) to the same weights of ``layer``: after it, relative
+    (T2 of docs/math.md §2, Dinh et al., 2017) to the same weights of ``layer``: after it, relative
     flatness (Petzka et al., 2021) no longer depends on that rescaling. Features with
     :math:`\sigma_k <` :data:`MIN_FEATURE_STD` (dead neurons) keep scale 1.
 

@@ -1,4 +1,4 @@
-"""Reparameterization invariance, both ways (MATH.md §2), as property tests over random ReLU
+"""Reparameterization invariance, both ways (docs/math.md §2), as property tests over random ReLU
 networks: what must stay equal stays equal (rel. 1e-6), what must change does change."""
 
 
@@ -85,7 +85,7 @@ def test_layerwise_T1(net, alpha, data):
     for name in layers:
         assert rel(kappa(model, name), kappa(new, name)) < SAME
     assert rel(simplified(model, layer), simplified(new, layer)) < SAME
-    # changes exactly as MATH.md says: Tr(H_W) x alpha^2, Tr(H_below) / alpha^2 (weight and
+    # changes exactly as docs/math.md says: Tr(H_W) x alpha^2, Tr(H_below) / alpha^2 (weight and
     # bias), every other block as it was
     old, now = (fv.hessian_trace(m, DATA).per_param for m in (model, new))
     assume(min(old[f"{layer}.weight"], old[f"{below}.weight"]) > 1e-10)  # not a dead network

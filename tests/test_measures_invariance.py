@@ -1,6 +1,6 @@
 """Every invariance declaration that measure_all reports is checked empirically: on random ReLU
 networks each measure is computed with the same seed before and after T1, T2, T3 and T5
-(MATH.md §2); "invariant" must hold to rounding, "changes" must show a real change."""
+(docs/math.md §2); "invariant" must hold to rounding, "changes" must show a real change."""
 
 import pytest
 import torch

@@ -30,8 +30,9 @@ def test_surface_orientation_and_labels(slices):
     z = np.asarray(fig.data[0].z)
     assert z.shape == (5, 7)  # rows run along y
     assert np.array_equal(z, s2.values.T)
-    assert "filter-normalized" in fig.layout.scene.xaxis.title.text
-    assert "unnormalized" in fig.layout.scene.yaxis.title.text
+    # short 3-D axis titles (long ones are clipped in a scene)
+    assert fig.layout.scene.xaxis.title.text == "a (d1)"
+    assert fig.layout.scene.yaxis.title.text == "b (d2)"
     assert fig.data[1].z[0] == pytest.approx(s2.centre_loss)
 
 
@@ -57,6 +58,30 @@ def test_curve_overlay_and_update_in_place(slices):
     assert len(fw.data) == 3 and np.array_equal(np.asarray(fw.data[0].y), s1.accuracy)
     with pytest.raises(TypeError):
         plots.curve(slices[1])
+
+
+def test_redraw_keeps_the_traces_and_resets_what_is_not_set(slices):
+    s1, s2 = slices
+    fig = plots.contour(s2, log=False)
+    traces = list(fig.data)
+    plots.contour(s2, test=True, log=True, fig=fig)
+    assert list(fig.data) == traces and all(a is b for a, b in zip(fig.data, traces))
+    np.testing.assert_allclose(np.asarray(fig.data[0].z), np.log10(s2.test_values).T)
+    fig = plots.curve(s1, s1, labels=["a", "b"])
+    fig.data[0].hovertext = "stale"
+    plots.curve(s1, s1, labels=["a", "b"], fig=fig)
+    assert fig.data[0].hovertext is None
+    assert fig.data[0].line.dash != fig.data[3].line.dash  # overlapping curves stay visible
+
+
+def test_log_axes_tick_decades_and_measures_have_names():
+    assert plots.log_axis()["dtick"] == 1 and plots.log_axis()["type"] == "log"
+    wide = plots.log_axis([0.5, 1.0, 2205.0], title="ratio")
+    assert wide["dtick"] == 1 and wide["range"] == [-1.0, 4.0] and wide["title"] == "ratio"
+    narrow = plots.log_axis([0.3, 0.6])  # within a decade: plotly's plain ticks
+    assert narrow["dtick"] is None and narrow["autorange"] is True
+    assert plots.measure_name("hessian_top_eigenvalue") == "λ_max(H)"
+    assert plots.measure_name("new_measure") == "new measure"
 
 
 def test_plots_do_not_import_widgets():

@@ -89,7 +89,7 @@ def test_worked_example_least_squares_is_ridge():
 
 
 def test_defective_slice_of_public_code_differs(digits_small):
-    """MATH.md §6: slicing the (out, in, out, in) Hessian as H[:, j, i, :] is not Tr(H_{j,i})."""
+    """docs/math.md §6: slicing the (out, in, out, in) Hessian as H[:, j, i, :] is not Tr(H_{j,i})."""
     X, y = digits_small
     model = tiny_mlp([64, 6, 5], seed=2)
     d, m = model[2].weight.shape

@@ -1,4 +1,4 @@
-"""Tests of famviz.reparam: function-preserving reparameterizations (MATH.md §2)."""
+"""Tests of famviz.reparam: function-preserving reparameterizations (docs/math.md §2)."""
 
 from __future__ import annotations
 

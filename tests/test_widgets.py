@@ -1,8 +1,10 @@
-"""The dashboards without a browser: ipywidgets and FigureWidget work headless, so setting a
-control runs the callback and the results and figure data can be checked against the core."""
+"""The dashboards without a browser: ipywidgets work headless, so setting a control runs the
+callback, and the results, the figures and the state every view draws (the Outputs' figure
+JSON) can be checked against the core."""
 
 from __future__ import annotations
 
+import base64
 import time
 
 import numpy as np
@@ -42,7 +44,7 @@ def digits():
 @pytest.fixture(scope="module")
 def net():
     """64-24-16-10 ReLU MLP at initialization: no dead features on the data, so the std
-    canonical form makes κ exactly T2-invariant (MATH.md §2)."""
+    canonical form makes κ exactly T2-invariant (docs/math.md §2)."""
     return fv.models.mlp([64, 24, 16, 10], seed=8).double()
 
 
@@ -80,7 +82,7 @@ def test_t1_keeps_kappa_readout_and_moves_trace(explorer, net, digits):
                 float(fv.relative_flatness(expected, digits[0], "2", dtype=torch.float64))) < 1e-10
     # the bar chart shows the ratios, the readout the values
     bar = explorer.measures_figure.data[0]
-    assert list(bar.x) == list(r.ratios)
+    assert list(bar.x) == [fv.plots.measure_name(n) for n in r.ratios]
     np.testing.assert_allclose(bar.y, list(r.ratios.values()))
     assert _readout(explorer, "hessian_trace") == fv.widgets._base.fmt(r.table["hessian_trace"].value)
 
@@ -110,7 +112,9 @@ def test_t3_and_t5_keep_kappa(explorer):
     # with cross-entropy the Hessian is unchanged by the softmax shift, ε-sharpness is not
     assert _rel(r.ratios["hessian_trace"], 1.0) < 1e-8
     assert abs(r.ratios["eps_sharpness"] - 1.0) > 1e-6
-    assert r.max_output_change > 0.1  # the logits moved; the softmax did not
+    # the logits moved by about the shift, the softmax probabilities (what T5 preserves) not
+    assert reparam.max_output_change(explorer._start_model, r.model, explorer._data) > 0.1
+    assert r.compared == "probabilities" and r.max_output_change < 1e-12
     assert "T5" in explorer.readout.value
 
 
@@ -122,6 +126,100 @@ def test_t2_moves_kappa_unless_std_normalized(explorer, digits):
     explorer.normalize.value = True
     assert _rel(explorer.result.ratios["relative_flatness"], 1.0) < 1e-8
     assert explorer.result.table["relative_flatness"].invariance["T2"] == "invariant"
+
+
+def _function_check(explorer):
+    """The function check as the page shows it: (number, verdict words)."""
+    html = explorer.readout.value
+    verdict = html[html.index("famviz-verdict"):]
+    return _readout(explorer, "max_output_change"), verdict[verdict.index(">") + 1:
+                                                           verdict.index("<")]
+
+
+def _softmax_change(explorer, model):
+    """Independent reference: max |softmax(f_now) − softmax(f_start)| over the data."""
+    X = explorer._data[0]
+    with torch.no_grad():
+        return float((torch.softmax(model(X), -1)
+                      - torch.softmax(explorer._start_model(X), -1)).abs().max())
+
+
+@pytest.mark.parametrize("setting", [{"alpha": {("0", "2"): 30.0}}, {"t2": 7.0}, {"t3": 0.2},
+                                     {"shift": -4.0}, "randomize"])
+def test_function_check_compares_what_each_transformation_preserves(explorer, setting):
+    explorer.reset()
+    r = explorer.randomize() if setting == "randomize" else explorer.set(**setting)
+    assert r.compared == "probabilities"
+    assert r.max_output_change == pytest.approx(_softmax_change(explorer, r.model), abs=1e-15)
+    assert r.max_output_change < 1e-12
+    number, words = _function_check(explorer)
+    assert float(number) < 1e-12 and words == "the function is unchanged (rounding only)"
+
+
+def test_function_check_words_follow_the_number(explorer):
+    """A model that is not a reparameterization: the check must say so, with its number."""
+    explorer.reset()
+    other = fv.models.mlp([64, 24, 16, 10], seed=99).double()
+    change, compared = explorer._function_change(other)
+    assert compared == "probabilities"
+    assert change == pytest.approx(_softmax_change(explorer, other), rel=1e-12)
+    assert change > 1e-3
+    explorer._draw(explorer.result.table, explorer.result.start, explorer.result.ratios,
+                   change, compared, explorer.result.raw, explorer.result.filtered)
+    number, words = _function_check(explorer)
+    assert float(number) == pytest.approx(change, rel=0.05) and "CHANGED" in words
+    explorer.reset()
+
+
+def test_randomize_keeps_kappa_unless_t2_is_allowed(explorer):
+    explorer.reset()
+    for _ in range(3):  # toggle off: T2 is never drawn, κ's ratio stays 1
+        r = explorer.randomize()
+        assert r.settings["t2"] == 1.0 and not r.settings["normalize"]
+        assert _rel(r.ratios["relative_flatness"], 1.0) < REL
+    explorer.normalize.value = True  # toggle on: T2 drawn too, κ (std-normalized) still 1
+    r = explorer.randomize()
+    assert r.settings["t2"] != 1.0 and r.settings["normalize"]
+    assert _rel(r.ratios["relative_flatness"], 1.0) < 1e-8
+    explorer.reset()
+
+
+def test_lecture_view_draws_ratios_against_alpha(explorer, net, digits):
+    explorer.reset()
+    results = explorer.sweep([0.1, 1.0, 10.0])
+    assert explorer.lecture_pair == ("0", "2")
+    fig = explorer.lecture_figure
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    by_name = dict(zip(explorer.measures, fig.data))
+    assert list(by_name["relative_flatness"].x) == [0.1, 1.0, 10.0]
+    np.testing.assert_allclose(by_name["relative_flatness"].y, 1.0, rtol=1e-9)
+    # Tr(H) at α = 10 is the core's Tr(H) of the rescaled model over the start's
+    expected = (float(fv.hessian_trace(reparam.scale_layers(net, "0", "2", 10.0), digits[0],
+                                       dtype=torch.float64))
+                / float(fv.hessian_trace(net, digits[0], dtype=torch.float64)))
+    assert by_name["hessian_trace"].y[2] == pytest.approx(expected, rel=1e-9)
+    assert results[2].ratios["hessian_trace"] == pytest.approx(expected, rel=1e-9)
+    # another control away from the start: the point is not a T1-only point, not drawn
+    explorer.t3.value = 3.0
+    assert len(fig.data[0].x) == 3
+    with pytest.raises(ValueError, match="alphas"):
+        explorer.sweep([0.0])
+    explorer.reset()
+
+
+def test_figures_reach_every_view_as_widget_state(explorer):
+    """What a late or reloaded view draws is the Output's state: the figure's current JSON."""
+    explorer.reset()
+    explorer.alpha[("0", "2")].value = 10.0
+    for view in (explorer.measures_view, explorer.lecture_view, explorer.slice_view):
+        (out,) = view.widget.outputs
+        shown = out["data"]["application/vnd.plotly.v1+json"]
+        assert shown["layout"].get("title", {}).get("text") == view.figure.layout.title.text
+        assert len(shown["data"]) == len(view.figure.data)
+    bar = explorer.measures_view.widget.outputs[0]["data"][
+        "application/vnd.plotly.v1+json"]["data"][0]
+    assert bar["x"] == [fv.plots.measure_name(n) for n in explorer.measures]
+    explorer.reset()
 
 
 def test_randomize_changes_everything_but_the_function_and_reset_returns(explorer):
@@ -226,6 +324,27 @@ def test_landscape_explorer_keeps_only_the_latest_setting(net, digits):
     np.testing.assert_allclose(e.result.slice.values, ref.values, rtol=1e-9)
 
 
+def _shown(view):
+    return view.widget.outputs[0]["data"]["application/vnd.plotly.v1+json"]
+
+
+def test_landscape_explorer_updates_in_place_and_shows_the_current_grid(net, digits):
+    e = LandscapeExplorer(net, digits[0], resolution=21, background=False)
+    surface = e.surface_figure.data[0]
+    e.resolution.value = 11
+    e.log.value = False
+    assert e.surface_figure.data[0] is surface  # the trace kept, its arrays replaced
+    np.testing.assert_allclose(np.asarray(surface.z), e.result.slice.values.T)
+    for view in (e.surface_view, e.contour_view):  # what every view draws
+        z = _shown(view)["data"][0]["z"]  # plotly's typed array: base64, dtype, shape
+        values = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"])
+        assert z["shape"] == "11, 11"
+        np.testing.assert_allclose(values.reshape(11, 11), e.result.slice.values.T)
+        assert _shown(view)["layout"]["title"]["text"] == view.figure.layout.title.text
+    assert "train loss" in e.contour_figure.layout.title.text
+    assert "log10" not in e.contour_figure.layout.title.text
+
+
 def test_landscape_explorer_bad_input(net, digits):
     with pytest.raises(ValueError, match="resolution"):
         LandscapeExplorer(net, digits[0], resolution=30)
@@ -271,6 +390,9 @@ def test_training_explorer_runs_what_fam_train_runs(moons):
     assert e.previous is run and e.result.label == "SGD"
     assert list(e.figure.data[0].y) == list(ref.train_loss)
     assert e.figure.data[0].name == run.label
+    shown = _shown(e.figure_view)["data"]  # the state every view draws: the SGD run now
+    assert shown[5]["name"] == "SGD" and shown[0]["name"] == run.label
+    assert e.progress_label.value == "3 / 3"
     assert_same_state(before, model_state(model))
 
 

@@ -3,7 +3,7 @@
 **FAM** (relative flatness aware minimization; Adilova, Abourayya, Li, Dada, Petzka, Egger,
 Kleesiek, Kamp — "FAM: Relative Flatness Aware Minimization", TAG-ML workshop at ICML 2023)
 adds λ times the relative flatness of one ``nn.Linear`` feature layer, measured on the current
-mini-batch, to the loss (MATH.md §3):
+mini-batch, to the loss (docs/math.md §3):
 
 .. math::
 
@@ -35,7 +35,7 @@ the loss curvature) — a third-order quantity obtained by double backpropagatio
 ``gradient="frozen"`` treats T as a constant for the step: the gradient is
 :math:`\\partial\\kappa/\\partial W = 2\\,T W` on W only (÷ m when normalized) — a data-dependent
 weight decay, nothing below W. That is what the public FAM code effectively computes, because it
-wraps the Hessian in a new leaf tensor, which cuts the graph (MATH.md §6).
+wraps the Hessian in a new leaf tensor, which cuts the graph (docs/math.md §6).
 
 **SAM** (Foret, Kleiner, Mobahi, Neyshabur — "Sharpness-Aware Minimization for Efficiently
 Improving Generalization", ICLR 2021) and **ASAM** (Kwon, Kim, Park, Choi — "ASAM: Adaptive

@@ -306,7 +306,7 @@ def penalty(
         \\kappa(W) = \\sum_{s,s'} \\langle w_s, w_{s'}\\rangle\\,\\mathrm{Tr}(H_{s,s'}),
         \\qquad T = \\sum_n \\|\\phi_n\\|^2\\,\\frac{\\partial^2 E}{\\partial z_n^2}
 
-    (Petzka et al. 2021; used as a regularizer by Adilova et al. 2023, MATH.md §1 and §3). The
+    (Petzka et al. 2021; used as a regularizer by Adilova et al. 2023, docs/math.md §1 and §3). The
     value equals ``famviz.relative_flatness(model, batch, layer, loss, normalize=normalize)``.
 
     The forward pass runs on a famviz replica of the model's modules that holds the model's own
@@ -326,12 +326,12 @@ def penalty(
         gradient: ``"exact"`` — the true gradient of κ w.r.t. every parameter (W, its bias, the
             layers below through φ and above through the curvature); ``"frozen"`` — T held
             constant: the gradient is :math:`2TW` (÷ m) on W only, what the public FAM code
-            effectively computes (MATH.md §6).
+            effectively computes (docs/math.md §6).
 
     Returns:
         A 0-dim tensor in the model's dtype.
 
-    Example (MATH.md §1: one sample, φ = [1, 0], W = [[2, 0], [0, 0]]: κ = 4σ(2)(1 − σ(2)), and
+    Example (docs/math.md §1: one sample, φ = [1, 0], W = [[2, 0], [0, 0]]: κ = 4σ(2)(1 − σ(2)), and
     the frozen gradient on W is 2TW with T = p(1−p)[[1, −1], [−1, 1]]):
 
     >>> import torch

@@ -46,7 +46,7 @@ NOT_APPLICABLE = "n/a"
 #: no claim: the measure was computed on a parameter subset the declarations do not cover
 UNDECLARED = "not declared"
 
-#: the function-preserving reparameterizations of MATH.md §2 that the declarations refer to
+#: the function-preserving reparameterizations of docs/math.md §2 that the declarations refer to
 TRANSFORMS = ("T1", "T2", "T3", "T5")
 
 #: what each transformation does, relative to the reference Linear layer ``layer`` (the feature

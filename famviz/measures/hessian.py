@@ -3,7 +3,7 @@
 All three take the common arguments ``(model, data, loss, params=None, ...)``: ``params`` is
 ``None`` (every parameter), a layer name (``"2"``: its weight and bias), a parameter name
 (``"2.weight"``), or a list of these. None of them is invariant under function-preserving
-reparameterizations (MATH.md §2): layer-wise rescaling by α multiplies the Hessian block of the
+reparameterizations (docs/math.md §2): layer-wise rescaling by α multiplies the Hessian block of the
 scaled-down layer by α² — the contrast relative flatness is built to avoid.
 """
 

@@ -10,7 +10,7 @@ tolerates, found by bisection.
 
 with :math:`c` the mean loss or the classification error and :math:`\tau` the target. Note
 that :math:`\sigma` is the *standard deviation* (a known slip elsewhere passes :math:`\sigma^2`
-as the std, MATH.md §4).
+as the std, docs/math.md §4).
 
 Design:
 

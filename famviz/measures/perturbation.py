@@ -209,7 +209,7 @@ def eps_sharpness(
     maximized over the full parameter space by projected steepest ascent for the box:
     :math:`z \leftarrow \Pi_{C_\epsilon}(z + a\,b \odot \mathrm{sign}\,\nabla L)` with half-widths
     :math:`b_i = \epsilon(|\theta_i|+1)` (the paper uses L-BFGS-B on the same box).
-    Changes under every reparameterization of MATH.md §2 (the box is not equivariant).
+    Changes under every reparameterization of docs/math.md §2 (the box is not equivariant).
 
     Args:
         model, data, loss: as everywhere in famviz; the model is never modified.

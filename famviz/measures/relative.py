@@ -11,7 +11,7 @@ incoming weights of output neuron s):
 i.e. :math:`\\kappa = \\langle WW^\\top, T\\rangle_F` with the d×d matrix of block traces
 :math:`T_{ss'} = \\mathrm{Tr}(H_{s,s'})`. It is the expected second-order loss increase when the
 features are perturbed multiplicatively, :math:`\\phi \\to (I + \\delta A)\\phi`, and is unchanged
-by layer-wise and neuron-wise rescalings (MATH.md §2).
+by layer-wise and neuron-wise rescalings (docs/math.md §2).
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def relative_flatness(
         \\kappa(W) = \\sum_{s,s'} \\langle w_s, w_{s'}\\rangle\\,\\mathrm{Tr}(H_{s,s'})
 
     With cross-entropy on the last layer :math:`\\kappa = \\frac1N\\sum_n \\|\\phi_n\\|^2
-    \\mathrm{Var}_{i\\sim p_n}(w_i)` (MATH.md §1).
+    \\mathrm{Var}_{i\\sim p_n}(w_i)` (docs/math.md §1).
 
     A Conv2d (``groups=1``; any stride, padding, padding mode, dilation) is a Linear map on
     unfolded patches: :math:`W` is its weight reshaped to ``(out_channels,
@@ -280,7 +280,7 @@ def relative_flatness(
             :math:`\\sum_s \\|w_s\\|^2 \\lambda_{\\max}(H_{s,s})` (not available with Hutchinson).
         normalize: ``None`` (the paper's κ) or ``"m"`` (divide by the number of inputs m; a
             Conv2d's in_channels·kh·kw).
-        normalize_features: first bring the model to the std canonical form of MATH.md §2
+        normalize_features: first bring the model to the std canonical form of docs/math.md §2
             (:func:`famviz.reparam.normalize_features` on ``data``), which makes κ equal for
             networks that differ by a rescaling of the neurons below the layer. Features that
             are constant on ``data`` (dead ReLUs, σ = 0) cannot be normalized, and their columns
@@ -290,7 +290,7 @@ def relative_flatness(
         seed: Hutchinson's seed (drawn and recorded if None).
         dtype, device, bn: evaluation dtype (float64 for exactness), device, BatchNorm policy.
 
-    Example (MATH.md §1, one sample, φ = [1, 0], W = [[2, 0], [0, 0]]: κ = 4σ(2)(1 − σ(2))):
+    Example (docs/math.md §1, one sample, φ = [1, 0], W = [[2, 0], [0, 0]]: κ = 4σ(2)(1 − σ(2))):
 
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False)).double()

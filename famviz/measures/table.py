@@ -1,6 +1,6 @@
 r"""Every flatness measure in one call: :func:`measure_all` returns a :class:`MeasureTable`, one
 row per measure with its value, standard error, cost, settings and its declared behaviour under
-the function-preserving reparameterizations of MATH.md §2.
+the function-preserving reparameterizations of docs/math.md §2.
 
 The declarations (``row.invariance``) refer to a reference Linear layer ``layer`` (the feature
 layer of relative flatness), the Linear layer ``below`` feeding it through a ReLU and the one
@@ -39,7 +39,7 @@ inputs) depends on the function alone; its T5 is ``"n/a"`` for a single logit.
 
 Non-default options change some declarations, and the rows say so: adaptive sharpness with
 ``eta=0`` is invariant under T1, T2 and T3; relative flatness with ``normalize_features=True``
-is invariant under T2 as well (provided no feature below is dead, MATH.md §2); a measure
+is invariant under T2 as well (provided no feature below is dead, docs/math.md §2); a measure
 restricted to a parameter subset (``params=...``) declares nothing (``"not declared"``). When
 the reference layer has no Linear layer below (above), T1 and T2 (T3) read ``"n/a"``.
 """

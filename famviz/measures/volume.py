@@ -2,8 +2,8 @@ r"""A volume estimate of the flat region around the weights, for small models.
 
 Zhang et al. (2021) relate flatness to the *volume* of the basin — the prior probability of the
 function — and estimate it through a Gaussian-process approximation. famviz offers the simpler
-estimator that MATH.md §4 calls honest for small models: along random directions :math:`u_k`
-(uniform on the unit sphere of the parameter space), the radius
+local estimator of docs/math.md §4 (basin volume), for small models: along random directions
+:math:`u_k` (uniform on the unit sphere of the parameter space), the radius
 
 .. math::
 

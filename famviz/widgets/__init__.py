@@ -1,5 +1,6 @@
-"""Interactive dashboards for JupyterLab (and Voilà): ipywidgets controls and plotly
-``FigureWidget`` s on top of the famviz core; all the mathematics lives in the core.
+"""Interactive dashboards for JupyterLab (and Voilà): ipywidgets controls and plotly figures
+(shown through ``Output`` widgets, see :class:`famviz.widgets._base.PlotView`) on top of the
+famviz core; all the mathematics lives in the core.
 
 * :class:`ReparamExplorer` — rescale layers and neurons (T1, T2, T3, T5) and watch which
   flatness measures move;

@@ -3,9 +3,9 @@ where errors from callbacks are shown (never lost), and the last result."""
 
 from __future__ import annotations
 
-import copy
 import functools
 import html
+import json
 import threading
 import time
 import traceback
@@ -56,8 +56,8 @@ class Dashboard:
 
         in_kernel_thread(show)
 
-    def _set_status(self, text: str, *, error: bool = False) -> None:
-        style = "color:#b00020" if error else "color:#444"
+    def _set_status(self, text: str, *, error: bool = False, busy: bool = False) -> None:
+        style = "color:#b00020" if error else ("color:#a05a00" if busy else "color:#444")
         self.status.value = f'<span style="{style}">{html.escape(text)}</span>'
 
 
@@ -86,16 +86,44 @@ def in_kernel_thread(fn, *args) -> None:
         loop.add_callback(fn, *args)
 
 
-def publish(fig) -> None:
-    """Store a ``FigureWidget``'s current data and layout in its widget state.
+#: plotly's configuration for every dashboard figure: no logo, no link to plotly's cloud
+PLOT_CONFIG = {"displaylogo": False, "responsive": True,
+               "modeBarButtonsToRemove": ["sendDataToCloud", "select2d", "lasso2d"]}
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
 
-    plotly sends later changes to the views that exist as incremental messages and updates
-    the stored state only when the figure itself is displayed; a figure inside a box never is.
-    A view created later (Voilà connects after running the notebook; a reloaded page) would
-    show the figure as it was at creation. (plotly/plotly.py#4998)
+
+class PlotView:
+    """A plotly figure shown in a dashboard: the kernel-side ``figure`` (a plain
+    ``go.Figure``, changed in place) and ``widget``, an ipywidgets ``Output`` whose outputs are
+    the figure's current JSON.
+
+    Why not a ``FigureWidget``: a ``FigureWidget`` sends its changes to the views that exist as
+    one-off messages and keeps its synced state from creation. A view made later from the
+    state (Voilà connects after running the notebook; a reloaded JupyterLab tab; a second view)
+    draws the old figure, and in Voilà (voila 0.5, plotly 6) the one-off messages did not reach
+    even the first view (tests/browser). An ``Output``'s ``outputs`` are widget state, set here
+    from the kernel, so every view draws the current figure; JupyterLab's plotly renderer
+    (plotly's own lab extension, local) loads plotly.js once per page instead of once per
+    ``FigureWidget``.
+
+    :meth:`refresh` after each change (on the kernel thread, see :func:`in_kernel_thread`).
     """
-    fig._widget_layout = copy.deepcopy(fig._layout_obj._props)
-    fig._widget_data = copy.deepcopy(fig._data)
+
+    def __init__(self, figure, *, css_class: str = "famviz-plot") -> None:
+        self.figure = figure
+        self.widget = W.Output(layout=W.Layout(width="100%", min_width="0"))
+        self.widget.add_class("famviz-plot")
+        self.widget.add_class(css_class)
+        self.refresh()
+
+    def bundle(self) -> dict:
+        """The display data the views draw: the figure's JSON (numpy arrays as plotly's typed
+        arrays) and :data:`PLOT_CONFIG`."""
+        return {PLOTLY_MIME: {**json.loads(self.figure.to_json()), "config": PLOT_CONFIG}}
+
+    def refresh(self) -> None:
+        self.widget.outputs = ({"output_type": "display_data", "data": self.bundle(),
+                                "metadata": {}},)
 
 
 def guarded(method):
@@ -113,11 +141,12 @@ def guarded(method):
     return wrapper
 
 
-def fmt(x: float, digits: int = 5) -> str:
-    """A number as the readouts show it: ``digits`` significant digits, scientific notation."""
+def fmt(x: float, digits: int = 4) -> str:
+    """A number as the readouts show it: ``digits`` significant digits, plain where that is
+    readable (``47.09``, ``0.01234``), scientific otherwise (``1.234e+05``)."""
     if x is None or not np.isfinite(x):
         return str(x)
-    return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}g}"
 
 
 class Timer:

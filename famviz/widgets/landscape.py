@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import landscape, plots
 from ..objective import check_model
-from ._base import Dashboard, Timer, guarded, in_kernel_thread, publish
+from ._base import Dashboard, PlotView, Timer, guarded, in_kernel_thread
 
 __all__ = ["LandscapeExplorer", "LandscapeResult", "RESOLUTIONS"]
 
@@ -39,7 +39,7 @@ class LandscapeResult:
 
 
 class LandscapeExplorer(Dashboard):
-    """Explore 2-D slices :math:`E(\\theta + \\alpha d_1 + \\beta d_2)` of the loss surface.
+    """Explore 2-D slices :math:`E(\\theta + a\\, d_1 + b\\, d_2)` of the loss surface.
 
     Controls: the directions (two random directions, or the top-2 Hessian eigenvectors), their
     normalization (filter, layer, none; Li et al. 2018), the seed of the random directions,
@@ -101,11 +101,18 @@ class LandscapeExplorer(Dashboard):
             w.observe(self._on_change, names="value")
         for w in (self.which, self.log):
             w.observe(self._on_view, names="value")
-        self.surface_figure = go.FigureWidget(layout={"height": 420, "width": 520})
-        self.contour_figure = go.FigureWidget(layout={"height": 420, "width": 480})
-        controls = W.VBox([self.kind, self.norm, self.seed, self.span, self.resolution,
-                           self.which, self.log])
-        self._finish(W.HBox([controls]), W.HBox([self.surface_figure, self.contour_figure]))
+        # sized by their container (two columns of the cell), only the height fixed
+        self.surface_figure = go.Figure(layout={"height": 420})
+        self.contour_figure = go.Figure(layout={"height": 420})
+        self.surface_view = PlotView(self.surface_figure, css_class="famviz-surface-plot")
+        self.contour_view = PlotView(self.contour_figure, css_class="famviz-contour-plot")
+        controls = W.Box([self.kind, self.norm, self.seed, self.span, self.resolution,
+                          self.which, self.log],
+                         layout=W.Layout(display="flex", flex_flow="row wrap"))
+        figures = W.Box([self.surface_view.widget, self.contour_view.widget],
+                        layout=W.Layout(display="grid", grid_template_columns="1fr 1fr",
+                                        width="100%"))
+        self._finish(controls, figures)
         self.update()
 
     def settings(self) -> dict:
@@ -136,8 +143,8 @@ class LandscapeExplorer(Dashboard):
         test = self.which.value == "test"
         plots.surface(s, test=test, log=self.log.value, fig=self.surface_figure)
         plots.contour(s, test=test, log=self.log.value, fig=self.contour_figure)
-        publish(self.surface_figure)
-        publish(self.contour_figure)
+        self.surface_view.refresh()
+        self.contour_view.refresh()
 
     def update(self) -> LandscapeResult | None:
         """Recompute for the current settings, drawing each level as it arrives (in a
@@ -145,6 +152,7 @@ class LandscapeExplorer(Dashboard):
         self._generation += 1
         generation = self._generation
         settings = self.settings()
+        self._set_status("computing…", busy=True)
         if not self.background:
             self._compute(generation, settings)
             return self.result

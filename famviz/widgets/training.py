@@ -12,9 +12,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from torch import nn
 
-from .. import fam
+from .. import fam, plots
 from ..objective import check_model
-from ._base import Dashboard, Timer, in_kernel_thread, publish
+from ._base import Dashboard, PlotView, Timer, in_kernel_thread
 
 __all__ = ["TrainingExplorer", "TrainingRun"]
 
@@ -89,42 +89,52 @@ class TrainingExplorer(Dashboard):
                                     description="SAM ρ", readout_format=".2g", style=style)
         self.epochs = W.IntSlider(value=int(epochs), min=1, max=max(200, int(epochs)),
                                   description="epochs", style=style)
-        self.start_button = W.Button(description="start", icon="play", button_style="success")
+        # no icons: they need Font Awesome, which a page offline cannot load
+        self.start_button = W.Button(description="▶ start", button_style="success")
         self.start_button.add_class("famviz-start")
-        self.stop_button = W.Button(description="stop", icon="stop", button_style="danger",
-                                    disabled=True)
+        self.stop_button = W.Button(description="■ stop", button_style="danger", disabled=True)
         self.stop_button.add_class("famviz-stop")
         self.progress = W.IntProgress(value=0, min=0, max=int(epochs), description="epoch",
                                       style=style)
+        self.progress_label = W.Label(value=f"0 / {int(epochs)}")
+        self.progress_label.add_class("famviz-epoch")
         self.start_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         self.method.observe(self._on_method, names="value")
         self.rho.observe(self._on_rho, names="value")
-        self.figure = go.FigureWidget(make_subplots(rows=1, cols=3, subplot_titles=_PANELS))
+        self.epochs.observe(self._on_epochs, names="value")
+        self.figure = go.Figure(make_subplots(rows=1, cols=3, subplot_titles=_PANELS,
+                                              horizontal_spacing=0.08))
         for run, color in (("previous", _BEFORE), ("current", _NOW)):
             for col, key, dash in _TRACES:
                 self.figure.add_scatter(x=[], y=[], mode="lines+markers", name=run,
                                         legendgroup=run, showlegend=key == "train_loss",
                                         line={"color": color, "dash": dash},
                                         marker={"size": 4}, row=1, col=col)
-        self.figure.update_layout(height=330, width=1000, margin={"l": 50, "r": 10, "t": 40,
-                                                                  "b": 40})
+        # the legend names the runs; the line styles are explained once, for good
+        self.figure.update_layout(
+            height=340, margin={"l": 50, "r": 10, "t": 60, "b": 40},
+            legend={"orientation": "h", "y": 1.2, "x": 0, "yanchor": "bottom"},
+            annotations=[*self.figure.layout.annotations, {
+                "text": "solid: train · dotted: test", "showarrow": False, "xref": "paper",
+                "yref": "paper", "x": 1, "y": 1.2, "xanchor": "right", "yanchor": "bottom",
+                "font": {"size": 12, "color": "#444"}}])
         self.figure.update_xaxes(title_text="epoch")
-        self.figure.update_yaxes(type="log", row=1, col=1)
-        self.figure.update_yaxes(type="log", row=1, col=3)
+        self.figure.update_yaxes(**plots.log_axis(), row=1, col=1)
+        self.figure.update_yaxes(**plots.log_axis(), row=1, col=3)
+        self.figure_view = PlotView(self.figure, css_class="famviz-training-plot")
         self.previous: TrainingRun | None = None
         self._thread: threading.Thread | None = None
         self._busy = False  # True from start() until the run's thread has finished its work
         self._stop = threading.Event()
         self._enable()
-        publish(self.figure)
-        self._figure_box = W.Box([self.figure])
-        self._fresh_figure = False  # see _renew_figure
         self._finish(
-            W.HBox([W.VBox([self.method, W.HBox([self.lam, self.rho]), self.epochs]),
-                    W.VBox([W.HBox([self.start_button, self.stop_button]), self.progress])]),
-            self._figure_box)
-        self._set_status("ready: choose a method and press start (solid: train, dotted: test)")
+            W.Box([W.VBox([self.method, W.HBox([self.lam, self.rho]), self.epochs]),
+                   W.VBox([W.HBox([self.start_button, self.stop_button]),
+                           W.HBox([self.progress, self.progress_label])])],
+                  layout=W.Layout(display="flex", flex_flow="row wrap")),
+            self.figure_view.widget)
+        self._set_status("ready: choose a method and press start")
 
     # ------------------------------------------------------------------------------ controls
 
@@ -139,6 +149,11 @@ class TrainingExplorer(Dashboard):
         if change["new"] in self._rho:
             self.rho.value = self._rho[change["new"]]
         self._enable()
+
+    def _on_epochs(self, change) -> None:
+        if not self.running:
+            self.progress.max = change["new"]
+            self.progress_label.value = f"{self.progress.value} / {change['new']}"
 
     def _on_rho(self, change) -> None:
         if self.method.value in self._rho:
@@ -165,14 +180,14 @@ class TrainingExplorer(Dashboard):
         label = self.label()
         self._stop.clear()
         self._busy = True
-        self._renew_figure()
         self._shift_runs()
         self.progress.max, self.progress.value = settings["epochs"], 0
+        self.progress_label.value = f"0 / {settings['epochs']}"
         self._thread = threading.Thread(target=self._run, args=(label, settings), daemon=True,
                                         name="famviz-training")
         self._thread.start()
         self._enable()
-        self._set_status(f"training {label} ...")
+        self._set_status(f"training {label}: first epoch…", busy=True)
 
     def stop(self) -> None:
         """Ask the run to stop after the current epoch."""
@@ -219,24 +234,13 @@ class TrainingExplorer(Dashboard):
             for k, (_, key, _) in enumerate(_TRACES):
                 self.figure.data[offset + k].update(x=list(history.epoch),
                                                     y=list(getattr(history, key)))
-        publish(self.figure)
+            self._log_ranges()
+        self.figure_view.refresh()
         self.progress.value = len(history)
-
-    def _renew_figure(self) -> None:
-        """Replace the figure, once, by a copy made now.
-
-        In Voilà a figure created while the notebook ran (before the page connected) missed
-        the updates sent from the training thread in most page loads when a LandscapeExplorer
-        shared the page (root cause not found); a figure created after the page connected
-        always received them. The copy costs one more transfer of plotly's bundle.
-        """
-        if self._fresh_figure:
-            return
-        old = self.figure
-        self.figure = go.FigureWidget(old)
-        self._figure_box.children = (self.figure,)
-        old.close()
-        self._fresh_figure = True
+        self.progress_label.value = f"{len(history)} / {self.progress.max}"
+        if self.running:
+            self._set_status(f"training {self.label()}: epoch {len(history)} of "
+                             f"{self.progress.max}", busy=True)
 
     def _shift_runs(self) -> None:
         """The last run's curves turn grey; the current ones are cleared."""
@@ -250,4 +254,12 @@ class TrainingExplorer(Dashboard):
             for k in range(n):
                 self.figure.data[k].name = name
                 self.figure.data[n + k].name = self.label()
-        publish(self.figure)
+            self._log_ranges()
+        self.figure_view.refresh()
+
+    def _log_ranges(self) -> None:
+        """Decade ticks on the log panels (loss, κ) for the values both runs show."""
+        for col in (1, 3):
+            values = [v for (c, _, _), trace in zip(_TRACES * 2, self.figure.data)
+                      if c == col for v in (trace.y or ())]
+            self.figure.update_yaxes(**plots.log_axis(values), row=1, col=col)

@@ -349,7 +349,7 @@ def voila_server(tmp_path_factory, chromium_executable):
 # the ReparamExplorer check shared by the JupyterLab and the Voilà test
 # --------------------------------------------------------------------------------------------
 
-# a readout value: 5 significant digits, e.g. 1.2346e-02 (or 0.012346)
+# a readout value: 4 significant digits, e.g. 47.09, 0.01235 or 1.235e+05
 NUMBER = r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*"
 
 
@@ -379,40 +379,73 @@ def check_alpha_invariance(widget, presses=3):
     return kappa_before, trace_before, trace.inner_text().strip()
 
 
-# Each plotly figure inside `root` has been drawn with data (a trace with points). A plotly >= 6
-# FigureWidget sends later changes (add_trace, update, batch_update) as one-off messages and keeps
-# its synced state (_widget_data, _widget_layout) from creation, refreshed only when the figure
-# itself is displayed (plotly/plotly.py#4998). Inside a box, shown by a browser that connects after
-# the changes (Voila runs the notebook first; a reloaded JupyterLab page), it shows empty axes.
+# Each plotly figure inside `root` has been drawn with data (a trace with points). The
+# dashboards draw their figures through ipywidgets Outputs (famviz.widgets._base.PlotView);
+# numpy arrays arrive as plotly typed arrays ({dtype, bdata, shape}), lists as arrays. While an
+# Output re-renders, the old plot can briefly sit beside the new one: the last one counts.
 PLOTS_HAVE_DATA = """(root) => {
-  const plots = [...root.querySelectorAll('.js-plotly-plot')];
-  const hasPoints = (t) => ['x', 'y', 'z'].some((k) => t[k] && t[k].length > 0);
-  return plots.length > 0 && plots.every((p) => Array.isArray(p.data) && p.data.some(hasPoints));
+  const plots = [...root.querySelectorAll('.famviz-plot')].map(
+    (o) => [...o.querySelectorAll('.js-plotly-plot')].pop());
+  const hasPoints = (t) => ['x', 'y', 'z'].some((k) => t[k] && (t[k].length > 0 || t[k].bdata));
+  return plots.length > 0 && plots.every((p) => p && Array.isArray(p.data) && p.data.some(hasPoints));
 }"""
-PLOTS_SUMMARY = """(root) => [...root.querySelectorAll('.js-plotly-plot')].map((p) =>
-  Array.isArray(p.data)
-    ? p.data.map((t) => ['x', 'y', 'z'].map((k) => (t[k] || []).length))
-    : null)"""
+
+# What each figure of a dashboard shows, read from the page: per plot (in DOM order) its
+# title, number of traces, trace names, each trace's z shape ("rows, cols") and first y values.
+PLOTS_READ = """(root) => [...root.querySelectorAll('.famviz-plot')].map((o) => {
+  const p = [...o.querySelectorAll('.js-plotly-plot')].pop();
+  if (!p || !Array.isArray(p.data)) return null;
+  const shape = (z) => !z ? null : (z.shape !== undefined ? String(z.shape).replace(/\\s/g, '')
+    : `${z.length},${z[0] ? z[0].length : 0}`);
+  const head = (y) => Array.isArray(y) ? y.slice(0, 3) : (y && y.bdata ? 'typed' : null);
+  return {cls: o.className, title: p.layout.title ? (p.layout.title.text || null) : null,
+          traces: p.data.length, names: p.data.map((t) => t.name || null),
+          z: p.data.map((t) => shape(t.z)), y: p.data.map((t) => head(t.y))};
+})"""
 
 
 def check_plots_have_data(widget, timeout=UPDATE_TIMEOUT):
-    """Every `.js-plotly-plot` in the dashboard `widget` (a locator) shows at least one trace
-    with points; fails with, per plot, each trace's (len x, len y, len z) otherwise."""
+    """Every figure in the dashboard `widget` (a locator) shows at least one trace with points;
+    fails with what the page shows otherwise."""
     from playwright.sync_api import Error as PlaywrightError
 
     handle = widget.element_handle(timeout=timeout)
     try:
         widget.page.wait_for_function(PLOTS_HAVE_DATA, arg=handle, timeout=timeout, polling=250)
     except PlaywrightError as exc:
-        summary = handle.evaluate(PLOTS_SUMMARY)
         raise AssertionError(
-            f"a plotly figure has no data (per plot, per trace: len x, y, z): {summary}"
-        ) from exc
+            f"a plotly figure has no data: {handle.evaluate(PLOTS_READ)}") from exc
+
+
+def read_plots(widget) -> list[dict | None]:
+    """What the dashboard's figures show on the page (see PLOTS_READ)."""
+    return widget.evaluate(PLOTS_READ)
+
+
+def wait_for_plot(widget, plot_class: str, predicate: str, what: str, timeout=UPDATE_TIMEOUT):
+    """Wait until the figure of the Output with class `plot_class` satisfies the JavaScript
+    `predicate` (a function of PLOTS_READ's entry for it); fail with what the page shows."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    handle = widget.element_handle(timeout=timeout)
+    js = f"""([root, cls]) => {{
+      const plots = ({PLOTS_READ})(root);
+      const p = plots.find((q) => q && q.cls.split(' ').includes(cls));
+      return !!p && ({predicate})(p);
+    }}"""
+    try:
+        widget.page.wait_for_function(js, arg=[handle, plot_class], timeout=timeout,
+                                      polling=250)
+    except PlaywrightError as exc:
+        raise AssertionError(f"{plot_class}: expected {what}; the page shows "
+                             f"{[p for p in read_plots(widget) if p and plot_class in p['cls']]}"
+                             ) from exc
 
 
 # What the plotly figures in `root` show: a string that changes when any trace's data does.
-PLOTS_SIGNATURE = """(root) => JSON.stringify([...root.querySelectorAll('.js-plotly-plot')].map(
-  (p) => (p.data || []).map((t) => [t.x, t.y, t.z])))"""
+PLOTS_SIGNATURE = """(root) => JSON.stringify([...root.querySelectorAll('.famviz-plot')].map(
+  (o) => { const p = [...o.querySelectorAll('.js-plotly-plot')].pop();
+           return p ? (p.data || []).map((t) => [t.x, t.y, t.z]) : null; }))"""
 
 
 def plots_signature(widget) -> str:
@@ -435,3 +468,64 @@ def check_plots_changed(widget, before: str, timeout=UPDATE_TIMEOUT):
             "the dashboard's plotly figures did not change after the update (the figure views "
             "got no updates from the kernel)"
         ) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# driving the controls
+# --------------------------------------------------------------------------------------------
+
+
+def slider_keys(widget, css: str, *keys: str, index: int = 0):
+    """Press `keys` on the handle of the `index`-th ipywidgets slider matching `css` (e.g.
+    ".famviz-alpha", or a description text via `.widget-slider:has-text(...)`)."""
+    handle = widget.locator(f"{css} .noUi-handle").nth(index)
+    handle.scroll_into_view_if_needed()
+    handle.focus()
+    for key in keys:
+        handle.press(key)
+
+
+def select_option(widget, description: str, label: str):
+    """Choose `label` in the ipywidgets Dropdown whose description is `description`."""
+    box = widget.locator(".widget-dropdown", has=widget.page.locator(
+        "label", has_text=re.compile(f"^{re.escape(description)}$")))
+    box.locator("select").select_option(label=label)
+
+
+def check_reparam_at_alpha_100(widget):
+    """α of the first pair to 100 (the slider's End): κ's ratio reads 1, Tr(H) and λ_max have
+    moved by more than 10×, the function check reads ~0 with words that agree, and the bar
+    chart on the page shows the readout's ratios."""
+    from playwright.sync_api import expect
+
+    slider_keys(widget, ".famviz-alpha", "End")
+    expect(widget.locator(".famviz-alpha .widget-readout").first).to_have_text(
+        "100", timeout=UPDATE_TIMEOUT)
+    ratio = lambda name: widget.locator(f'.famviz-ratio[data-measure="{name}"]').first  # noqa
+    expect(ratio("relative_flatness")).to_have_text("1×", timeout=UPDATE_TIMEOUT)
+    expect(ratio("hessian_trace")).not_to_have_text(re.compile(r"^\s*\d\.\d*×"),
+                                                    timeout=UPDATE_TIMEOUT)
+    numbers = {n: float(ratio(n).inner_text().strip().rstrip("×"))
+               for n in ("relative_flatness", "hessian_trace", "hessian_top_eigenvalue")}
+    assert numbers["relative_flatness"] == 1.0
+    assert numbers["hessian_trace"] > 10 and numbers["hessian_top_eigenvalue"] > 10, numbers
+    check_function_check(widget)
+    # the bars drawn on the page are the ratios of the readout (the kernel's figure)
+    wait_for_plot(widget, "famviz-measures-plot",
+                  f"(p) => Array.isArray(p.y[0]) && Math.abs(p.y[0][1] / "
+                  f"{numbers['hessian_trace']} - 1) < 1e-3",
+                  f"Tr(H)'s bar at {numbers['hessian_trace']}")
+    return numbers
+
+
+def check_function_check(widget):
+    """The function check reads ~0 and says the function is unchanged."""
+    from playwright.sync_api import expect
+
+    check = widget.locator(".famviz-function-check").first
+    expect(check).to_have_attribute("data-same", "true", timeout=UPDATE_TIMEOUT)
+    value = float(widget.locator('.famviz-value[data-measure="max_output_change"]')
+                  .first.inner_text())
+    assert value < 1e-9, value
+    expect(check.locator(".famviz-verdict")).to_have_text(
+        "the function is unchanged (rounding only)")

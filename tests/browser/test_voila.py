@@ -1,6 +1,7 @@
-"""The three dashboards as a Voilà app (notebooks/dashboards.ipynb): the ReparamExplorer keeps κ
-and moves Tr(H) when α moves, the LandscapeExplorer draws a plotly figure, the TrainingExplorer
-runs to the end. Saves a screenshot of each dashboard (`make screenshots`: docs/images/)."""
+"""The three dashboards as a Voilà app (notebooks/dashboards.ipynb). Voilà runs the notebook
+before the page connects, so every figure view here is made late, from the widgets' state:
+the test changes every control and checks that the page draws what the kernel computed.
+Saves a screenshot of each dashboard at the end (`make screenshots`: docs/images/)."""
 
 import re
 
@@ -9,17 +10,75 @@ from playwright.sync_api import expect
 from .conftest import (
     RUN_TIMEOUT,
     TRAIN_TIMEOUT,
+    UPDATE_TIMEOUT,
     check_alpha_invariance,
+    check_function_check,
     check_plots_changed,
     check_plots_have_data,
+    check_reparam_at_alpha_100,
     plots_signature,
     require_notebook,
+    select_option,
+    slider_keys,
+    wait_for_plot,
 )
 
 NOTEBOOK = "dashboards.ipynb"
 # plotly's toolbar appears on hover; keep it out of the README's pictures
 SCREENSHOT_CSS = ".modebar-container { display: none !important; }"
 TRACEBACK = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
+
+
+def change_landscape_controls(landscape):
+    """Every control of the LandscapeExplorer once; ends at 21 × 21, Hessian directions,
+    test loss, linear scale."""
+    status = landscape.locator(".famviz-status").first
+    select_option(landscape, "normalize", "layer")
+    seed = landscape.locator(".widget-inline-hbox:has(label:text-is('seed')) input").first
+    seed.fill("5")
+    seed.press("Enter")
+    slider_keys(landscape, ".widget-slider", "ArrowLeft")  # span
+    select_option(landscape, "resolution", "21")
+    select_option(landscape, "directions", "Hessian top-2")
+    landscape.get_by_role("button", name="test", exact=True).click()
+    landscape.locator("input[type=checkbox]").first.uncheck()
+    expect(status).to_contain_text(re.compile(r"21 × 21 grid drawn after [\d.]+ s$"),
+                                   timeout=UPDATE_TIMEOUT)
+
+
+def check_landscape_drawn(landscape):
+    """The page draws the last setting: 21 × 21 test-loss grids, linear, two traces each."""
+    for cls, title in (("famviz-surface-plot", "Loss surface (test loss)"),
+                       ("famviz-contour-plot", "Loss contours (test loss)")):
+        wait_for_plot(landscape, cls,
+                      f"(p) => p.title === {title!r} && p.traces === 2 && p.z[0] === '21,21'",
+                      f"{title!r}, 2 traces, a 21 × 21 grid")
+
+
+def run_training(training, method: str) -> str:
+    """Choose `method`, move its strength one step, start, wait; returns the run's label as
+    the status line gives it (e.g. "ASAM ρ=0.63")."""
+    status = training.locator(".famviz-status").first
+    training.get_by_role("button", name=method, exact=True).click()
+    slider = ".widget-slider:has(label:text-is('FAM λ'))" if method == "FAM" else \
+        ".widget-slider:has(label:text-is('SAM ρ'))"
+    slider_keys(training, slider, "ArrowRight")
+    start = training.locator(".famviz-start").first
+    start.scroll_into_view_if_needed()
+    expect(start).to_be_enabled()
+    start.click()
+    expect(status).to_contain_text(re.compile(rf"^{method}.*: (finished|stopped)"),
+                                   timeout=TRAIN_TIMEOUT)
+    return status.inner_text().split(":")[0].strip()
+
+
+def check_training_drawn(training, current: str, previous: str, epochs: int):
+    expect(training.locator(".famviz-epoch").first).to_have_text(f"{epochs} / {epochs}")
+    wait_for_plot(
+        training, "famviz-training-plot",
+        f"(p) => p.traces === 10 && p.names[0] === {previous!r} && p.names[5] === {current!r}"
+        f" && Array.isArray(p.y[5]) && p.y[5].length === {min(epochs, 3)}",
+        f"previous run {previous!r}, current {current!r} with {epochs} epochs")
 
 
 def test_dashboards_in_voila(page, voila_server, artifacts_dir, failure_artifacts):
@@ -40,24 +99,29 @@ def test_dashboards_in_voila(page, voila_server, artifacts_dir, failure_artifact
     for widget in (reparam, landscape, training):
         expect(widget).to_be_visible(timeout=RUN_TIMEOUT)
 
+    # ReparamExplorer: a small α move, then α = 100, then the softmax shift
     check_plots_have_data(reparam)
     figures = plots_signature(reparam)
     check_alpha_invariance(reparam)
     check_plots_changed(reparam, figures)
+    check_reparam_at_alpha_100(reparam)
+    slider_keys(reparam, ".widget-slider:has(label:text-matches('^T5 shift'))", "End")
+    expect(reparam.locator(".famviz-table th", has_text="T5").first).to_be_visible(
+        timeout=UPDATE_TIMEOUT)
+    check_function_check(reparam)
 
-    expect(landscape.locator(".js-plotly-plot").first).to_be_visible(timeout=RUN_TIMEOUT)
-    # the coarse grid is refined in a background thread: the finest level must arrive too
+    # LandscapeExplorer: the first grid, then every control
     expect(landscape.locator(".famviz-status").first).to_contain_text(
         re.compile(r"41 × 41 grid drawn"), timeout=RUN_TIMEOUT)
     check_plots_have_data(landscape)
+    change_landscape_controls(landscape)
+    check_landscape_drawn(landscape)
 
-    status = training.locator(".famviz-status").first
-    start = training.locator(".famviz-start").first
-    start.scroll_into_view_if_needed()
-    expect(start).to_be_enabled()
-    start.click()
-    expect(status).to_contain_text(re.compile("finished|stopped"), timeout=TRAIN_TIMEOUT)
-    check_plots_have_data(training)
+    # TrainingExplorer: 2 epochs of FAM, then ASAM; the page shows both runs, named
+    slider_keys(training, ".widget-slider:has(label:text-is('epochs'))", "Home", "ArrowRight")
+    first = run_training(training, "FAM")
+    second = run_training(training, "ASAM")
+    check_training_drawn(training, second, first, epochs=2)
 
     page.mouse.move(0, 0)  # no hover labels in the pictures
     for name, widget in (("reparam", reparam), ("landscape", landscape), ("training", training)):
