@@ -326,7 +326,7 @@ def test_layerwise_rescaling_leaves_kappa_unchanged(images):
     assert after.value == pytest.approx(before.value, rel=1e-9)
     tr = fv.hessian_trace(model, images, params="2.weight").value
     tr_new = fv.hessian_trace(new, images, params="2.weight").value
-    assert tr_new == pytest.approx(alpha**2 * tr, rel=1e-9)  # H_W x α² (MATH.md T1)
+    assert tr_new == pytest.approx(alpha**2 * tr, rel=1e-9)  # H_W x α² (docs/math.md §2, T1)
 
 
 # ------------------------------------------------------------ closed form from the fx graph
