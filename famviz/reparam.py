@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from famviz.batches import Inputs, OutputError, describe, logits_of
-from famviz.objective import Objective, as_batches, resolve_layer
+from famviz.objective import Objective, as_batches, check_option, resolve_layer
 from famviz.replica import check_model, replicate
 
 __all__ = [
@@ -752,7 +752,12 @@ def _run(model: nn.Module, x) -> Tensor:
     return logits_of(out)
 
 
-def max_output_change(model_a: nn.Module, model_b: nn.Module, X) -> float:
+#: what :func:`max_output_change` compares
+COMPARE = ("outputs", "probabilities")
+
+
+def max_output_change(model_a: nn.Module, model_b: nn.Module, X, compare: str = "outputs"
+                      ) -> float:
     r"""Largest absolute difference between the outputs of two models on the same inputs.
 
     .. math::
@@ -763,10 +768,14 @@ def max_output_change(model_a: nn.Module, model_b: nn.Module, X) -> float:
     (dropout off, BatchNorm running statistics); the models themselves are only read. Floating
     inputs are cast to each model's parameter dtype; the difference is taken in float64.
 
+    With ``compare="probabilities"`` the softmax of each output is compared instead: what a
+    softmax classifier preserves under a shift of every logit (T5), which moves the logits.
+
     Args:
         model_a, model_b: the two models (e.g. a model and its reparameterization).
         X: input tensor (or array), :class:`famviz.batches.Inputs`, or famviz ``data`` (one
             batch or an iterable of batches, in any form of :mod:`famviz.batches`).
+        compare: ``"outputs"`` (default) or ``"probabilities"`` (softmax over the last axis).
 
     Returns:
         The maximum as a Python float.
@@ -781,6 +790,7 @@ def max_output_change(model_a: nn.Module, model_b: nn.Module, X) -> float:
     0.0
     """
     check_model(model_a, "model_a"), check_model(model_b, "model_b")
+    check_option("compare", compare, COMPARE)
     xs = _inputs(X)
     a, b = replicate(model_a).eval(), replicate(model_b).eval()
     worst = 0.0
@@ -795,5 +805,7 @@ def max_output_change(model_a: nn.Module, model_b: nn.Module, X) -> float:
                 if out.is_floating_point() and not torch.isfinite(out).all():
                     raise ValueError(f"{which}'s output contains NaN or inf on these inputs: "
                                      "there is no finite difference to report")
+            if compare == "probabilities":
+                ya, yb = torch.softmax(ya.double(), dim=-1), torch.softmax(yb.double(), dim=-1)
             worst = max(worst, (ya.double() - yb.double().to(ya.device)).abs().max().item())
     return worst

@@ -821,3 +821,13 @@ def test_grouped_conv_and_linear_to_conv_refused():
                           nn.Conv2d(2, 2, 1))
     with pytest.raises(ValueError, match="Conv2d fed by the Linear"):
         scale_layers(model, "0", "3", 2.0)
+
+
+def test_max_output_change_compares_probabilities_under_a_logit_shift():
+    model = mlp([4, 8, 3], seed=0)
+    shifted = shift_logits(model, "2", torch.ones(8), bias_shift=2.5)
+    X = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    assert max_output_change(model, shifted, X) > 1.0  # every logit moved
+    assert max_output_change(model, shifted, X, compare="probabilities") < 1e-6
+    with pytest.raises(ValueError, match="unknown compare"):
+        max_output_change(model, shifted, X, compare="logits")

@@ -19,7 +19,7 @@ from torch import nn
 from .. import landscape, plots, reparam
 from ..fam import last_linear
 from ..measures.table import MEASURES, MeasureTable, measure_all
-from ..objective import as_batches, check_model
+from ..objective import check_model
 from ._base import Dashboard, PlotView, Timer, fmt, guarded
 
 __all__ = ["ReparamExplorer", "ReparamResult", "DEFAULT_MEASURES"]
@@ -422,15 +422,8 @@ class ReparamExplorer(Dashboard):
         """The largest change, over the data, of what the reparameterizations preserve: the
         softmax probabilities with cross-entropy (T5 shifts every logit by the same amount),
         the outputs otherwise. Returns ``(value, what was compared)``."""
-        if self.loss != "cross_entropy":
-            return reparam.max_output_change(self._start_model, model, self._data), "outputs"
-        worst = 0.0
-        with torch.no_grad(), reparam._eval_modes(self._start_model, model):
-            for x, _ in as_batches(self._data, dtype=self.dtype):
-                p0 = torch.softmax(self._start_model(x), dim=-1)
-                p1 = torch.softmax(model(x), dim=-1)
-                worst = max(worst, float((p0.double() - p1.double()).abs().max()))
-        return worst, "probabilities"
+        compare = "probabilities" if self.loss == "cross_entropy" else "outputs"
+        return reparam.max_output_change(self._start_model, model, self._data, compare), compare
 
     def _start_normalized(self) -> MeasureTable:
         """The start table with κ on std-normalized features (computed once)."""
