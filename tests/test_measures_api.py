@@ -297,10 +297,10 @@ def test_table_html_and_text(table):
 
 
 def test_measures_bar(table):
-    from famviz.plots import measures_bar
+    from famviz.plots import measure_name, measures_bar
 
     fig = measures_bar(table)
-    assert len(fig.data) == 1 and list(fig.data[0].y) == table.names
+    assert len(fig.data) == 1 and list(fig.data[0].y) == [measure_name(n) for n in table.names]
     again = measure_all(net(6), DATA, seed=5, options=CHEAP_TABLE)
     fig = measures_bar(table, again, labels=["a", "b"], relative=True)
     assert [tr.name for tr in fig.data] == ["a", "b"]

@@ -100,10 +100,10 @@ def test_dashboards_in_voila(page, voila_server, artifacts_dir, failure_artifact
         expect(training.or_(traceback).first).to_be_visible(timeout=RUN_TIMEOUT)
     except AssertionError:
         # Known open problem: in some page loads Voilà stops rendering (after the
-        # ReparamExplorer, as seen so far), with the kernel idle and nothing logged (about 1 load in 3 on this
-        # 2-core machine; cause not found, the LandscapeExplorer's background refinement is
-        # the suspect). Reported as an expected failure, not hidden: when the page completes,
-        # everything below must hold.
+        # ReparamExplorer, as seen so far) with the kernel idle and nothing logged, about one
+        # load in three on this 2-core machine; cause not found (the LandscapeExplorer's
+        # background refinement is the suspect). Reported as an expected failure, not hidden:
+        # when the page completes, everything below must hold.
         if not traceback.count() and not training.is_visible():
             shown = [w for w, loc in (("ReparamExplorer", reparam), ("LandscapeExplorer",
                                       landscape)) if loc.is_visible()]
