@@ -83,6 +83,10 @@ def check_training_drawn(training, current: str, previous: str, epochs: int):
         f"previous run {previous!r}, current {current!r} with {epochs} epochs")
 
 
+#: how long the whole page may take to render (all cells run, every dashboard shown)
+PAGE_TIMEOUT = 180_000
+
+
 def test_dashboards_in_voila(page, voila_server, artifacts_dir, failure_artifacts):
     failure_artifacts.update(page=page, server=voila_server)
     require_notebook(voila_server.root, NOTEBOOK)
@@ -97,7 +101,8 @@ def test_dashboards_in_voila(page, voila_server, artifacts_dir, failure_artifact
     # with the traceback, instead of waiting out the timeout for the dashboards
     traceback = page.locator(TRACEBACK, has_text="Traceback (most recent call last)")
     try:
-        expect(training.or_(traceback).first).to_be_visible(timeout=RUN_TIMEOUT)
+        # a complete page takes about a minute here; waiting longer only delays the known stop
+        expect(training.or_(traceback).first).to_be_visible(timeout=PAGE_TIMEOUT)
     except AssertionError:
         # Known open problem: in some page loads Voilà stops rendering (after the
         # ReparamExplorer, as seen so far) with the kernel idle and nothing logged, about one
