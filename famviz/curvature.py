@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._random import make_generator
 from .objective import Objective, check_finite_loss, double_backward_safe
 from .replica import shared_names
 
@@ -89,7 +90,8 @@ def new_seed() -> int:
 
 
 def generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(int(seed))
+    """A private generator seeded exactly (:func:`famviz._random.make_generator`)."""
+    return make_generator(seed, device)
 
 
 # ------------------------------------------------------------------------------ flat vectors
