@@ -199,13 +199,17 @@ def logits_of(output, output_fn: Callable | None = None) -> Tensor:
 
 
 class Batches(Iterable):
-    """``data`` read with a ``batch_fn`` and/or a model ``output_fn``; re-iterable whenever
-    ``data`` is (a ``DataLoader``, a list).
+    """``data`` read with a ``batch_fn`` and/or a model ``output_fn``, and whether famviz keeps
+    it; re-iterable whenever ``data`` is (a ``DataLoader``, a list).
 
     Args:
         data: any iterable of batches (or one batch).
         batch_fn: ``batch -> (X, y)`` or a dict with ``"labels"`` (see the module docstring).
         output_fn: ``model output -> logits tensor``.
+        cache: read ``data`` once and keep its batches (on the evaluation device): every pass
+            of a computation then sees the same samples, and a ``DataLoader``'s random
+            augmentation is frozen. Default: a ``DataLoader`` is re-read on every pass, one
+            batch in memory at a time (see :mod:`famviz.datastream`).
 
     >>> import torch
     >>> raw = [{"pixels": torch.zeros(2, 3), "target": torch.tensor([0, 1])}]
@@ -215,13 +219,16 @@ class Batches(Iterable):
     """
 
     def __init__(self, data, *, batch_fn: Callable | None = None,
-                 output_fn: Callable | None = None):
+                 output_fn: Callable | None = None, cache: bool = False):
         for name, fn in (("batch_fn", batch_fn), ("output_fn", output_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        if not isinstance(cache, bool):
+            raise TypeError(f"cache must be True or False, got {cache!r}")
         self.data = data
         self.batch_fn = batch_fn
         self.output_fn = output_fn
+        self.cache = cache
 
     def __iter__(self) -> Iterator:
         source = [self.data] if is_single_batch(self.data) else self.data

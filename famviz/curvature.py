@@ -138,8 +138,8 @@ class HessianOperator:
 
     * one batch of data (``stream=False``): the gradient graph is built once at construction
       (one forward and one backward pass) and kept; each HVP is one more backward pass;
-    * several batches (``stream=True``, the default when the data has more than one batch):
-      each HVP is accumulated over the batches, with one batch's graph alive at a time, so
+    * several batches (``stream=True``, the default when the data has more than one batch,
+      and always for live data such as a ``DataLoader``, which is re-read on every pass): each HVP is accumulated over the batches, with one batch's graph alive at a time, so
       memory stays flat in the number of samples; an HVP then costs a forward, a backward and
       a double-backward pass per batch.
 
@@ -156,12 +156,16 @@ class HessianOperator:
         self.device = objective.device
         self.dtype = objective.dtype
         self.num_hvps = 0
-        self.stream = len(objective.batches) > 1 if stream is None else bool(stream)
+        # live data (a DataLoader re-read on every pass) is streamed whatever was asked: a graph
+        # kept from one pass would freeze its augmentation and hold its whole dataset
+        batches = objective.batches
+        self.stream = (batches.live or batches.num_batches > 1 if stream is None
+                       else bool(stream) or batches.live)
         if self.stream:
             with torch.no_grad():
                 check_finite_loss(objective.loss(self._params))
             # which parameters have a Hessian row at all: read off the first batch's graph
-            grads = self._batch_grads(*objective.batches[0])
+            grads = self._batch_grads(*objective.batches.first())
             self._live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             return
         with double_backward_safe():  # attention kernels that support double backward

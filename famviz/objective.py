@@ -10,11 +10,12 @@ they were afterwards.
 
 Conventions (docs/math.md):
 
-* ``data`` is a tuple ``(X, y)`` of tensors (or arrays), or an iterable of ``(X, y)`` batches such
-  as a ``DataLoader``. An iterable is read once and its batches are kept, so every evaluation
-  (e.g. each Hessian-vector product of a power iteration) sees the same data. Reading it never
-  changes torch's global random state (a ``DataLoader`` draws its base seed from it). The loss is
-  the mean over all samples: batch losses weighted by batch size.
+* ``data`` is one batch ``(X, y)`` or an iterable of batches such as a ``DataLoader``, in any
+  form of :mod:`famviz.batches`. It is held as a :class:`famviz.datastream.DataStream`: a
+  ``DataLoader`` is re-read on every pass with one batch on the device at a time (memory flat in
+  the number of samples, augmentation live), lists and single batches are kept. Reading never
+  changes torch's global random state. The loss is the mean over all samples: batch losses
+  weighted by batch size.
 * ``loss`` is ``"cross_entropy"`` or ``"mse"`` (``torch.nn.functional`` semantics,
   ``reduction="mean"``) or a callable ``(output, target) -> scalar`` that averages over its batch.
 * BatchNorm is evaluated in eval mode (running statistics) by default, ``bn="train"`` uses batch
@@ -27,7 +28,7 @@ Conventions (docs/math.md):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,15 +37,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import _random
-from .batches import (
-    FORMS,
-    Inputs,
-    OutputError,
-    describe,
-    is_single_batch,
-    logits_of,
-    split_batch,
-)
+from .batches import Inputs, OutputError, describe, logits_of
+from .datastream import DataStream, as_stream, read_batches
 from .replica import check_model, check_unshared, preserve_global_rng, replicate, shared_names
 
 __all__ = [
@@ -88,67 +82,11 @@ def check_option(name: str, value, valid: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------------------- data
 
 
-def as_batches(
-    data,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> list[tuple[Tensor | Inputs, Tensor]]:
-    """Normalize ``data`` to a list of ``(X, y)`` batches, cast and checked.
-
-    ``X`` is a tensor, or :class:`famviz.batches.Inputs` for positional/keyword inputs (see
-    :mod:`famviz.batches` for every form a batch may take). Floating-point inputs (and floating
-    targets) are cast to ``dtype``; integer inputs (token ids) and targets are kept.
-
-    Raises:
-        ValueError: empty data, a batch whose inputs and y lengths differ, or NaN/inf in them.
-        TypeError: something that is neither a batch nor an iterable of batches.
-    """
-    if data is None:
-        raise TypeError(f"data must be one batch or an iterable of batches ({FORMS}), got None")
-    if is_single_batch(data):
-        raw: Iterable = [data]
-    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
-        raw = data
-    else:
-        raise TypeError(f"data must be one batch or an iterable of batches ({FORMS}), got "
-                        f"{type(data).__name__}")
-    batches = []
-    with preserve_global_rng():
-        items = list(raw)
-    for i, batch in enumerate(items):
-        X, y = split_batch(batch, i)
-        if isinstance(X, Tensor) and X.ndim == 0:
-            raise ValueError(f"data, batch {i}: X is a 0-d tensor; it needs a sample axis")
-        if y.ndim == 0 or len(X) != len(y):
-            raise ValueError(
-                f"data, batch {i}: {len(X)} samples of {describe(X)}, but y has shape "
-                f"{tuple(y.shape)}; they need the same number of samples along the first axis"
-            )
-        n = len(X)
-        if n == 0:
-            continue
-        X = X.to(device=device, dtype=dtype if X.is_floating_point() else None) \
-            if isinstance(X, Tensor) else X.to(dtype=dtype, device=device)
-        for t in [X] if isinstance(X, Tensor) else X.tensors():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise ValueError(f"data, batch {i}: X contains NaN or inf; clean the data first")
-        if y.is_floating_point():
-            y = y.to(device=device, dtype=dtype)
-            if not torch.isfinite(y).all():
-                raise ValueError(f"data, batch {i}: y contains NaN or inf; clean the data first")
-        else:
-            y = y.to(device=device)
-        batches.append((X, y))
-    if not batches:
-        if iter(data) is data:
-            raise ValueError(
-                "data is an iterator that holds no batches (any more): famviz may read data more "
-                "than once (e.g. normalize_features=True). Pass a list of batches, a DataLoader "
-                "or (X, y) instead of a generator"
-            )
-        raise ValueError("data is empty: it holds no samples")
-    return batches
+def as_batches(data, *, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> list[tuple[Tensor | Inputs, Tensor]]:
+    """Read ``data`` once into a list of ``(X, y)`` batches, cast and checked (see
+    :func:`famviz.datastream.read_batches`; an :class:`Objective` streams its data instead)."""
+    return read_batches(data, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------------- loss
@@ -396,7 +334,9 @@ class Objective:
         params: detached copies of the model's parameters (cast), keyed like
             ``named_parameters()``.
         buffers: copies of the model's buffers (cast where floating).
-        batches: the data, as a list of ``(X, y)`` on ``device``.
+        batches: the data, a re-iterable :class:`famviz.datastream.DataStream` of ``(X, y)``
+            on ``device`` (iterate it; a ``DataLoader`` is re-read on every pass).
+        sample: the first sample of the data (``X[:1]``), to learn output shapes from.
         num_samples: N, the number of samples.
     """
 
@@ -434,40 +374,41 @@ class Objective:
         self.model = replicate(model, self.params, self.buffers)
         #: picks the logits from the model's output (``famviz.Batches(..., output_fn=...)``)
         self.output_fn = getattr(data, "output_fn", None)
-        self.batches = as_batches(data, dtype=dtype, device=self.device)
-        if self.loss_name == "cross_entropy":
-            # class indices of any integer (or bool) dtype, as F.cross_entropy needs them
-            self.batches = [(X, y.long() if not y.is_floating_point() else y)
-                            for X, y in self.batches]
-        self.num_samples = sum(len(X) for X, _ in self.batches)
-        if bn == "train" and any(isinstance(m, _BATCHNORM) for m in self.model.modules()):
-            small = [i for i, (X, _) in enumerate(self.batches) if len(X) < 2]
-            if small:
+        self.batches: DataStream = as_stream(data, dtype=dtype, device=self.device,
+                                             long_labels=self.loss_name == "cross_entropy")
+        self.sample = self.batches.first()[0][:1]
+        out = self._check_input()
+        has_bn = any(isinstance(m, _BATCHNORM) for m in self.model.modules())
+
+        def check(i, X, y):
+            check_targets(self.loss_name, tuple(out.shape), y)
+            if bn == "train" and has_bn and len(X) < 2:
                 raise ValueError(
-                    f"bn='train' normalizes with batch statistics, and batch {small[0]} of data "
+                    f"bn='train' normalizes with batch statistics, and batch {i} of data "
                     "holds a single sample (its variance is undefined); use larger batches "
                     "(e.g. drop_last=True) or bn='eval'"
                 )
-        self._check_shapes()
 
-    def _check_shapes(self) -> None:
-        """Fail early, with a clear message, on inputs the model cannot take or targets that do
-        not fit its outputs (one forward pass on a single sample)."""
-        X0 = self.batches[0][0][:1]
+        self.batches.scan(check)
+        self.num_samples = self.batches.num_samples
+
+    def _check_input(self) -> Tensor:
+        """Fail early, with a clear message, on inputs the model cannot take (one forward pass
+        on a single sample); return that output, for the targets' shapes."""
         self._draws_rng = False
         try:
             with torch.no_grad(), preserve_global_rng():
                 state = torch.get_rng_state()
-                out = self.forward({}, X0, bn="eval")  # shapes only: BatchNorm may see 1 sample
+                out = self.forward({}, self.sample, bn="eval")  # BatchNorm may see 1 sample
                 # a model that draws random numbers when it runs (noise layers, F.dropout in a
                 # custom forward) gets every forward pass wrapped so the global RNG stays put
                 self._draws_rng = not torch.equal(state, torch.get_rng_state())
         except OutputError:
             raise
         except (RuntimeError, TypeError) as exc:  # shapes, or keyword inputs it does not take
-            raise ValueError(f"data: the model cannot evaluate {describe(X0)}: {exc}") from exc
-        for X, y in self.batches:
-            check_targets(self.loss_name, tuple(out.shape), y)
+            raise ValueError(f"data: the model cannot evaluate {describe(self.sample)}: "
+                             f"{exc}") from exc
+        return out
 
     # -- evaluation ---------------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ def per_sample_vectors(obj: Objective, layer: str) -> bool:
     if isinstance(obj.model.get_submodule(layer), nn.Conv2d):
         return False
     with torch.no_grad(), obj.capture([layer]) as cap:
-        out = obj.forward({}, obj.batches[0][0][:1])
+        out = obj.forward({}, obj.sample)
     return out.ndim == 2 and cap[layer].get("phi", out).ndim == 2
 
 

@@ -7,8 +7,8 @@
   caller's module would swap tensors inside it).
 * :func:`shared_names`, :func:`check_unshared`: modules used twice and tied weights, which
   per-layer closed forms and rescalings must know about.
-* :func:`preserve_global_rng`: reading a user's ``DataLoader`` (or running a model that draws
-  random numbers) without moving torch's global random state.
+* :func:`preserve_global_rng`, :class:`RngStream`: reading a user's ``DataLoader`` (or
+  running a model that draws random numbers) without moving torch's global random state.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_model", "check_unshared", "preserve_global_rng", "replicate", "shared_names"]
+__all__ = ["RngStream", "check_model", "check_unshared", "preserve_global_rng", "replicate",
+           "shared_names"]
 
 
 def check_model(model, name: str = "model", *, needs_params: bool = False) -> nn.Module:
@@ -157,3 +158,46 @@ def preserve_global_rng() -> Iterator[None]:
         devices = list(range(torch.cuda.device_count())) if cuda else []
         with torch.random.fork_rng(devices=devices):
             yield
+
+
+class RngStream:
+    """A private copy of torch's global random state, swapped in around a block: the block
+    draws from (and advances) the private state, and the global state is put back afterwards,
+    also on error. It starts as a copy of the global state when made (CPU, and CUDA devices
+    already initialized), so code run in it draws what it would have drawn outside, without
+    moving the caller's generator; with ``seed``, the CPU state starts from that seed instead
+    (``torch.manual_seed`` semantics). Used to read a user's ``DataLoader`` (shuffling, worker
+    seeds, augmentation) pass after pass."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._cpu = (torch.get_rng_state() if seed is None
+                     else torch.Generator().manual_seed(seed).get_state())
+        self._cuda = torch.cuda.get_rng_state_all() if _cuda_initialized() else None
+
+    def __enter__(self) -> RngStream:
+        _RNG_LOCK.acquire()
+        try:
+            cuda = _cuda_initialized()
+            self._saved = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None)
+            torch.set_rng_state(self._cpu)
+            if cuda and self._cuda is not None:
+                torch.cuda.set_rng_state_all(self._cuda)
+        except BaseException:
+            _RNG_LOCK.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            cpu, cuda = self._saved
+            self._cpu = torch.get_rng_state()
+            if cuda is not None:
+                self._cuda = torch.cuda.get_rng_state_all()
+                torch.cuda.set_rng_state_all(cuda)
+            torch.set_rng_state(cpu)
+        finally:
+            _RNG_LOCK.release()
+
+
+def _cuda_initialized() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()

@@ -333,5 +333,5 @@ def test_train_checks_test_data_and_labels_before_the_first_epoch():
 def test_train_refuses_a_last_batchnorm_batch_of_one_sample():
     model = nn.Sequential(nn.Linear(64, 6), nn.BatchNorm1d(6), nn.ReLU(),
                           nn.Linear(6, 10)).double()
-    with pytest.raises(ValueError, match="last batch of one sample"):
+    with pytest.raises(ValueError, match="batch of one sample"):
         fam.train(model, (X[:17], Y[:17]), batch_size=8, epochs=1, progress=False)

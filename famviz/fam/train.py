@@ -24,13 +24,13 @@ from .._random import (
 from ..curvature import new_seed
 from ..objective import (
     LOSSES,
-    as_batches,
     check_device,
     check_option,
     check_targets,
     resolve_loss,
 )
-from ..replica import check_model, replicate
+from ..datastream import DataStream
+from ..replica import RngStream, check_model, replicate
 from ._args import check_normalize, number
 from .penalty import (
     GRADIENTS,
@@ -56,6 +56,8 @@ DEFAULT_LAM = 0.01
 DEFAULT_RHO = {"sam": 0.05, "asam": 0.5}
 #: samples per forward pass when :func:`train` evaluates losses and accuracies
 EVAL_BATCH = 4096
+#: mini-batch size of :func:`train` on tensor data when none is given
+DEFAULT_BATCH_SIZE = 128
 
 
 class StopTraining(Exception):
@@ -309,37 +311,78 @@ class History:
         return _replace(self, **new)
 
 
+class _Data:
+    """Training or test data of :func:`train`: tensors that train() re-batches (shuffled by its
+    private generator), or live data (a ``DataLoader``) whose own batches are used and which
+    is re-read every epoch under a private random state seeded from ``seed`` (its shuffling and
+    augmentation reproducible, torch's global generator untouched)."""
+
+    def __init__(self, data, what: str, dtype, device, loss_name: str, seed: int):
+        long_labels = loss_name == "cross_entropy"
+        self.stream = DataStream(data, dtype=dtype, device=device, long_labels=long_labels,
+                                 rng=RngStream(derive_seed(seed, f"{what} order")))
+
+        def one_tensor(i, X, y):
+            if not isinstance(X, Tensor):
+                raise ValueError(f"{what}: train() takes one input tensor per batch; for "
+                                 "positional or keyword inputs, put famviz.fam.penalty or "
+                                 "famviz.fam.PenaltyTap in your own training loop")
+
+        self.stream.scan(one_tensor)
+        self.live = self.stream.live
+        self.num_samples = self.stream.num_samples
+        if not self.live:
+            batches = list(self.stream)
+            try:
+                self.X = torch.cat([X for X, _ in batches])
+                self.y = torch.cat([y for _, y in batches])
+            except RuntimeError as exc:
+                raise ValueError(f"the batches of {what} have inconsistent shapes: {exc}") \
+                    from exc
+
+    def sample(self) -> tuple[Tensor, Tensor]:
+        """Up to two samples, to check shapes with."""
+        X, y = (self.X, self.y) if not self.live else self.stream.first()
+        return X[:2], y
+
+    def epoch(self, batch_size: int | None, shuffle: torch.Generator):
+        """The mini-batches of one epoch."""
+        if self.live:
+            yield from self.stream
+            return
+        order = torch.randperm(self.num_samples, generator=shuffle).to(self.X.device)
+        for start in range(0, self.num_samples, batch_size):
+            idx = order[start:start + batch_size]
+            yield self.X[idx], self.y[idx]
+
+    def evaluation_batches(self):
+        if self.live:
+            yield from self.stream
+            return
+        for start in range(0, self.num_samples, EVAL_BATCH):
+            yield self.X[start:start + EVAL_BATCH], self.y[start:start + EVAL_BATCH]
+
+    def for_measures(self):
+        """The data as the measures take it."""
+        return self.stream if self.live else (self.X, self.y)
+
+
 @torch.no_grad()
-def _evaluate(model: nn.Module, X: Tensor, y: Tensor, loss_fn) -> tuple[float, float]:
+def _evaluate(model: nn.Module, data: _Data | None, loss_fn) -> tuple[float, float]:
     """Mean loss and accuracy (NaN unless the targets are class labels) in evaluation mode."""
-    if len(X) == 0:
+    if data is None:
         return float("nan"), float("nan")
-    total, correct, classify = 0.0, 0, None
+    total, correct, n, classify = 0.0, 0, 0, None
     with _eval_modes(model):
-        for start in range(0, len(X), EVAL_BATCH):
-            xb, yb = X[start:start + EVAL_BATCH], y[start:start + EVAL_BATCH]
+        for xb, yb in data.evaluation_batches():
             out = model(xb)
             total += float(loss_fn(out, yb)) * len(xb)
+            n += len(xb)
             if classify is None:
                 classify = out.ndim == 2 and out.shape[1] > 1 and not yb.is_floating_point()
             if classify:
                 correct += int((out.argmax(dim=1) == yb).sum())
-    return total / len(X), (correct / len(X) if classify else float("nan"))
-
-
-def _tensors(data, what: str, dtype, device, loss_name: str) -> tuple[Tensor, Tensor]:
-    batches = as_batches(data, dtype=dtype, device=device)
-    if not all(isinstance(X, Tensor) for X, _ in batches):
-        raise ValueError(f"{what}: train() takes one input tensor per batch; for positional or "
-                         "keyword inputs, add famviz.fam.penalty to your own training loop")
-    try:
-        X, y = (batches[0] if len(batches) == 1 else
-                (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])))
-    except RuntimeError as exc:
-        raise ValueError(f"the batches of {what} have inconsistent shapes: {exc}") from exc
-    if loss_name == "cross_entropy" and not y.is_floating_point():
-        y = y.long()  # class indices of any integer dtype (or bool)
-    return X, y
+    return total / n, (correct / n if classify else float("nan"))
 
 
 def _private_randomness(net: nn.Module, X: Tensor, seed: int,
@@ -391,7 +434,7 @@ def train(
     rho: float | None = None,
     epochs: int = 10,
     lr: float = 0.05,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     layer: str | None = None,
@@ -436,9 +479,12 @@ def train(
 
     Args:
         model: the network (not modified).
-        train_data: ``(X, y)`` or an iterable of ``(X, y)`` batches (gathered into tensors and
-            re-batched; ``batch_size`` decides the mini-batches).
-        test_data: optional held-out ``(X, y)`` for the test columns of the history.
+        train_data: ``(X, y)`` or a list of ``(X, y)`` batches (gathered into tensors and
+            re-batched: ``batch_size`` decides the mini-batches), or a ``DataLoader`` (any
+            re-iterable of batches): its own batches are the mini-batches and it is re-read
+            every epoch, so its shuffling and augmentation stay live; it is read under a
+            private random state seeded from ``seed``.
+        test_data: optional held-out data (the same forms) for the test columns of the history.
         method: one of :data:`METHODS`.
         lam: FAM's λ ≥ 0 (default :data:`DEFAULT_LAM`); ignored by other methods (recorded as
             None).
@@ -446,7 +492,9 @@ def train(
         epochs: passes over the training data (≥ 1).
         lr, momentum, weight_decay: the SGD base optimizer (lr > 0, 0 ≤ momentum < 1,
             weight_decay ≥ 0).
-        batch_size: mini-batch size (≥ 1); the last batch of an epoch may be smaller.
+        batch_size: mini-batch size (≥ 1, default :data:`DEFAULT_BATCH_SIZE`) for tensor
+            data; the last batch of an epoch may be smaller. A ``DataLoader`` makes its own
+            batches (passing ``batch_size`` with one is an error).
         layer: the ``nn.Linear`` feature layer (FAM's penalty and the tracked κ); ``None``: the
             last ``nn.Linear`` module (:func:`last_linear`).
         loss: ``"cross_entropy"``, ``"mse"`` or a callable ``(output, target) -> scalar``.
@@ -489,7 +537,8 @@ def train(
     check_option("gradient", gradient, GRADIENTS)
     check_normalize(normalize)
     epochs = number("epochs", epochs, low=1, integer=True)
-    batch_size = number("batch_size", batch_size, low=1, integer=True)
+    if batch_size is not None:
+        batch_size = number("batch_size", batch_size, low=1, integer=True)
     seed = new_seed() if seed is None else check_seed("seed", seed)
     if not callable(optimizer):
         check_option("optimizer", optimizer, OPTIMIZERS)
@@ -510,17 +559,25 @@ def train(
         raise ValueError("the model has no parameters")
     dtype = first.dtype
     device = check_device(device) or first.device
-    X, y = _tensors(train_data, "train_data", dtype, device, loss_name)
-    if test_data is not None:
-        X_test, y_test = _tensors(test_data, "test_data", dtype, device, loss_name)
+    train_set = _Data(train_data, "train_data", dtype, device, loss_name, seed)
+    test_set = (None if test_data is None
+                else _Data(test_data, "test_data", dtype, device, loss_name, seed))
+    if train_set.live:
+        if batch_size is not None:
+            raise ValueError("batch_size: train_data is a DataLoader (re-read every epoch), "
+                             "which makes its own mini-batches; drop batch_size or set the "
+                             "DataLoader's batch_size")
+        batch_size = train_set.stream.max_batch
+        last_batch = train_set.stream.min_batch
     else:
-        X_test, y_test = X[:0], y[:0]
-    if (len(X) % batch_size == 1 and len(X) > 1
+        batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+        last_batch = train_set.num_samples % batch_size
+    if (last_batch == 1 and train_set.num_samples > 1
             and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())):
         raise ValueError(
-            f"{len(X)} training samples in batches of {batch_size} leave a last batch of one "
-            "sample, which BatchNorm cannot normalize in training mode; choose a batch_size "
-            "that does not leave a remainder of 1"
+            f"{train_set.num_samples} training samples in batches of {batch_size} leave a batch "
+            "of one sample, which BatchNorm cannot normalize in training mode; choose a "
+            "batch_size that does not leave a remainder of 1 (or drop_last=True)"
         )
 
     # the trained copy: a replica that owns its parameters and buffers (hooks kept)
@@ -529,16 +586,17 @@ def train(
                     {n: b.detach().to(device, copy=True) for n, b in model.named_buffers()})
     modes = [m.training for m in net.modules()]
     with torch.no_grad(), _eval_modes(net):  # clear errors before any training
-        for what, inputs in (("train_data", X), ("test_data", X_test)):
-            if not len(inputs):
+        for what, part in (("train_data", train_set), ("test_data", test_set)):
+            if part is None:
                 continue
+            inputs, _ = part.sample()
             try:
-                out = net(inputs[:2])
+                out = net(inputs)
             except RuntimeError as exc:
                 raise ValueError(f"{what}: the model cannot evaluate inputs of shape "
                                  f"{tuple(inputs.shape[1:])} (per sample): {exc}") from exc
             if loss_name in LOSSES:
-                check_targets(loss_name, tuple(out.shape), y if what == "train_data" else y_test)
+                part.stream.scan(lambda i, X, y: check_targets(loss_name, tuple(out.shape), y))
 
     step = make_step(net, method, lam=lam, rho=rho, lr=lr, momentum=momentum,
                      weight_decay=weight_decay, layer=layer_name, loss=loss, normalize=normalize,
@@ -551,7 +609,8 @@ def train(
         rho=step.optimizer.rho if is_sam else None,
         eta=float(eta) if method == "asam" else None,
         normalize=normalize if is_fam else None, gradient=gradient if is_fam else None,
-        penalty_path=None, num_train=len(X), num_test=len(X_test),
+        penalty_path=None, num_train=train_set.num_samples,
+        num_test=0 if test_set is None else test_set.num_samples,
         optimizer=optimizer if isinstance(optimizer, str) else getattr(
             optimizer, "__name__", type(optimizer).__name__),
         device=str(device),
@@ -559,17 +618,15 @@ def train(
 
     from tqdm.auto import tqdm  # noqa: PLC0415 (kept out of the core's import time)
 
-    shuffle, _ = _private_randomness(net, X, seed, device)
+    shuffle, _ = _private_randomness(net, train_set.sample()[0], seed, device)
     bar = tqdm(range(1, epochs + 1), desc=f"{method}", disable=not progress, leave=False)
     try:
         for epoch in bar:
             net.train()
-            order = torch.randperm(len(X), generator=shuffle).to(device)
             seconds, losses, pens, fwd, bwd, steps = 0.0, [], [], 0, 0, 0
-            for start in range(0, len(X), batch_size):
-                idx = order[start:start + batch_size]
+            for xb, yb in train_set.epoch(batch_size, shuffle):
                 t0 = time.perf_counter()
-                info = step(X[idx], y[idx])
+                info = step(xb, yb)
                 seconds += time.perf_counter() - t0
                 if not math.isfinite(info.loss) or (is_fam and not math.isfinite(info.penalty)):
                     raise FloatingPointError(
@@ -582,13 +639,13 @@ def train(
                 steps += 1
             for m, mode in zip(net.modules(), modes):
                 m.training = mode
-            tr_loss, tr_acc = _evaluate(net, X, y, loss_fn)
-            te_loss, te_acc = _evaluate(net, X_test, y_test, loss_fn)
+            tr_loss, tr_acc = _evaluate(net, train_set, loss_fn)
+            te_loss, te_acc = _evaluate(net, test_set, loss_fn)
             kappa = float("nan")
             if track_kappa:
                 from ..measures.relative import relative_flatness  # noqa: PLC0415
 
-                kappa = relative_flatness(net, (X, y), layer_name, loss,
+                kappa = relative_flatness(net, train_set.for_measures(), layer_name, loss,
                                           seed=derive_seed(seed, "kappa")).value
             if is_fam and history.penalty_path is None:
                 history = _replace(history, penalty_path=step.path)

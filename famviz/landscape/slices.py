@@ -132,7 +132,7 @@ class _Engine:
         self.dirs = [{n: d[n].to(device=obj.device, dtype=obj.dtype) for n in self.names}
                      for d in directions]
         self.classify = (obj.loss_name == "cross_entropy"
-                         and not obj.batches[0][1].is_floating_point())
+                         and not obj.batches.first()[1].is_floating_point())
         self.loss_fn = obj.loss_fn
         self.stack = None
         if obj.bn == "train":  # batch statistics per point
@@ -166,8 +166,9 @@ class _Engine:
                 continue  # a no-op on (N, features) inputs
             else:
                 return None
-        if any(not isinstance(X, Tensor) or X.ndim != 2 for X, _ in self.obj.batches):
-            return None
+        if self.obj.batches.live or any(not isinstance(X, Tensor) or X.ndim != 2
+                                        for X, _ in self.obj.batches):
+            return None  # the first layer's products are kept per batch: kept data only
         _, W0, B0 = ops[0]
         first = [torch.einsum("nm,kdm->knd", X, W0) + (B0[:, None, :] if B0 is not None else 0)
                  for X, _ in self.obj.batches]  # (1 + k, N_b, d) per batch
@@ -175,10 +176,10 @@ class _Engine:
 
     def _chunk_size(self, budget: int) -> int:
         itemsize = torch.finfo(self.obj.dtype).bits // 8
-        n_max = max(len(X) for X, _ in self.obj.batches)
+        n_max = self.obj.batches.max_batch
         widths = [m.out_features for m in self.obj.model.modules() if isinstance(m, nn.Linear)]
         with torch.no_grad():
-            out_dim = self.obj.forward({}, self.obj.batches[0][0][:1], bn="eval").numel()
+            out_dim = self.obj.forward({}, self.obj.sample, bn="eval").numel()
         act = max(sum(widths), out_dim)
         per_point = _ACTIVATION_FACTOR * n_max * act * itemsize + sum(
             t.numel() for t in self.theta.values()) * itemsize

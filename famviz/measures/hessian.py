@@ -157,7 +157,7 @@ def _per_sample_vectors(obj: Objective, layers: list[str]) -> bool:
     form the Gauss-Newton traces assume (a Linear on (N, T, F) tokens shares its weight over
     positions, and its traces couple them); one forward pass on one sample."""
     with torch.no_grad(), obj.capture(layers) as cap:
-        out = obj.forward({}, obj.batches[0][0][:1])
+        out = obj.forward({}, obj.sample)
     return out.ndim == 2 and all(c["phi"].ndim == 2 for c in cap.values() if "phi" in c)
 
 

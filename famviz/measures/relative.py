@@ -201,7 +201,7 @@ def _hutchinson_kappa(op: HessianOperator, W: torch.Tensor, probes: int, seed: i
 
 def _is_output_layer(obj: Objective, layer: str) -> bool:
     """True when the layer's output is the model's output (and the layer runs once)."""
-    X = obj.batches[0][0][:1]
+    X = obj.sample
     try:
         with torch.no_grad(), obj.capture([layer]) as cap:
             out = obj.forward({}, X)
