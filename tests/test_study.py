@@ -178,6 +178,14 @@ def test_a_config_that_raises_becomes_an_error_row(tmp_path):
     assert run(spec, tmp_path, progress=False, retry_errors=True)["error"].notna().sum() == 1
 
 
+def test_a_diverging_run_becomes_an_error_row(tmp_path):
+    spec = Spec(axes={"lr": [0.05, 1e30]}, seeds=[0], **TINY)
+    t = run(spec, tmp_path, progress=False)
+    assert t["error"].isna().tolist() == [True, False]
+    assert t.loc[1, "error"].startswith("FloatingPointError") and "lower lr" in t.loc[1, "error"]
+    assert not t.loc[1, "converged"]
+
+
 def make_model(config):
     return torch.nn.Sequential(torch.nn.Linear(2, config["hidden"]), torch.nn.ReLU(),
                                torch.nn.Linear(config["hidden"], 2))

@@ -103,8 +103,8 @@ def _compute(spec: Spec, config: dict) -> dict:
     p = next(model.parameters(), None)
     if p is None:
         raise ValueError("make_model returned a model without parameters: nothing to train")
-    trained = train_to_target(model, (X.to(p.dtype), y), config, layer=layer,
-                              target_loss=spec.target_loss, max_epochs=spec.max_epochs)
+    model, trained = train_to_target(model, (X.to(p.dtype), y), config, layer=layer,
+                                     target_loss=spec.target_loss, max_epochs=spec.max_epochs)
     # everything measured in float64, on a copy
     m64 = copy.deepcopy(model).double().eval()
     X64, Xt64 = X.double(), Xt.double()

@@ -1,6 +1,6 @@
-"""The study's trainer: one network trained to a train cross-entropy target, with SGD (momentum)
-or Adam underneath plain training, FAM (:func:`famviz.fam.penalty`), SAM or ASAM
-(:class:`famviz.fam.SAM`).
+"""The study's networks, data and trainer: one network trained to a train cross-entropy
+target by :func:`famviz.fam.train` (SGD with momentum or Adam underneath plain training, FAM,
+SAM or ASAM).
 
 Every random draw (initialization, the train subset, label noise, mini-batch order) comes from
 generators seeded by exact ints derived from the run's seed; torch's global RNG is not used.
@@ -9,7 +9,6 @@ generators seeded by exact ints derived from the run's seed; torch's global RNG 
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -78,60 +77,23 @@ def full_loss(model: nn.Module, X: Tensor, y: Tensor) -> float:
     return total / len(X)
 
 
-def _optimizer(model: nn.Module, config: dict):
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if config["optimizer"] == "sgd":
-        base = torch.optim.SGD(params, lr=config["lr"], momentum=config["momentum"],
-                               weight_decay=config["weight_decay"])
-    else:
-        base = torch.optim.Adam(params, lr=config["lr"], weight_decay=config["weight_decay"])
-    method = config["method"]
-    if method in ("sam", "asam"):
-        rho = config["rho"] if config["rho"] is not None else fam.DEFAULT_RHO[method]
-        return fam.SAM(base, rho=rho, adaptive=method == "asam")
-    return base
-
-
 def train_to_target(model: nn.Module, train, config: dict, *, layer: str,
-                    target_loss: float, max_epochs: int) -> TrainResult:
-    """Train ``model`` in place until the mean train cross-entropy (evaluation mode, after an
-    epoch) is at most ``target_loss``, or ``max_epochs`` epochs; a non-finite loss stops it."""
-    X, y = train
-    n, bs = len(X), config["batch_size"]
-    gen = torch.Generator().manual_seed(sub_seed(config["seed"], "shuffle"))
-    opt = _optimizer(model, config)
-    method, lam = config["method"], config["lam"]
+                    target_loss: float, max_epochs: int) -> tuple[nn.Module, TrainResult]:
+    """Train a copy of ``model`` with :func:`famviz.fam.train` until the mean train
+    cross-entropy (evaluation mode, after an epoch) is at most ``target_loss``, or
+    ``max_epochs`` epochs; return the trained copy and what happened.
 
-    def objective(xb, yb):
-        loss = F.cross_entropy(model(xb), yb)
-        if method == "fam":
-            loss = loss + lam * fam.penalty(model, (xb, yb), layer)
-        return loss
-
-    steps, loss_now = 0, math.inf
-    model.train()
-    for epoch in range(1, max_epochs + 1):
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n, bs):
-            idx = order[i:i + bs]
-            xb, yb = X[idx], y[idx]
-            opt.zero_grad(set_to_none=True)
-            objective(xb, yb).backward()
-            if isinstance(opt, fam.SAM):
-                opt.first_step()
-                opt.zero_grad(set_to_none=True)
-                objective(xb, yb).backward()
-                opt.second_step()
-            else:
-                opt.step()
-            steps += 1
-        model.eval()
-        loss_now = full_loss(model, X, y)
-        model.train()
-        if not math.isfinite(loss_now) or loss_now <= target_loss:
-            break
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
-    return TrainResult(epoch, math.isfinite(loss_now) and loss_now <= target_loss, loss_now,
-                       steps)
+    Raises:
+        FloatingPointError: the loss became NaN or infinite (the run diverged).
+    """
+    trained, history = fam.train(
+        model, train, method=config["method"], lam=config["lam"], rho=config["rho"],
+        epochs=max_epochs, lr=config["lr"], batch_size=config["batch_size"],
+        momentum=config["momentum"], weight_decay=config["weight_decay"], layer=layer,
+        optimizer=config["optimizer"], seed=sub_seed(config["seed"], "shuffle"),
+        callbacks=[lambda epoch, net, h: h.train_loss[-1] <= target_loss],
+        progress=False, track_kappa=False,
+    )
+    loss = history.train_loss[-1]
+    return trained.eval(), TrainResult(len(history), loss <= target_loss, loss,
+                                       sum(history.steps))
