@@ -256,7 +256,8 @@ class HessianOperator:
             out.append(torch.cat([p.reshape(chunk.shape[0], -1) for p in parts], dim=1))
         return torch.cat(out)
 
-    def columns(self, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Iterator[tuple[Tensor, Tensor]]:
+    def columns(self, memory_budget: int = DEFAULT_MEMORY_BUDGET
+                ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(idx, H[idx])``: chunks of Hessian rows (= columns) from HVPs with the unit
         vectors ``e_idx``, so callers can reduce them without holding the dense matrix; chunks
         of :func:`probe_rows` rows within ``memory_budget``."""

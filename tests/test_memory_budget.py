@@ -191,3 +191,92 @@ def test_progress_bar_shows_on_request_and_changes_nothing(call, capsys):
 def test_progress_must_be_a_bool():
     with pytest.raises(TypeError, match="progress must be True or False"):
         fv.hessian_trace(model(), DATA, progress="yes")
+
+
+# ----------------------------------------------------------------------- relative flatness
+
+RELU = (fv.models.mlp([64, 8, 5, 10], activation="relu", seed=1).double(), DATA)
+
+
+def _conv():
+    gen = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(64, 3)).double()
+    return net, (torch.randn(10, 2, 6, 6, generator=gen, dtype=torch.float64),
+                 torch.randint(0, 3, (10,), generator=gen))
+
+
+def _neuronwise_oracle(net, data, layer):
+    """Σ_s ||w_s||² λ_max(H_ss) from the dense Hessian of the layer's weight."""
+    obj = fv.Objective(net, data)
+    W = obj.params[f"{layer}.weight"]
+    d, m = W.shape[0], W[0].numel()
+    H = HessianOperator(obj, [f"{layer}.weight"]).dense().reshape(d, m, d, m)
+    lam = torch.stack([torch.linalg.eigvalsh(H[s, :, s, :])[-1] for s in range(d)])
+    return float((W.reshape(d, m).pow(2).sum(dim=1) * lam).sum())
+
+
+def test_block_rows_follow_the_budget():
+    from famviz.measures.relative import _block_rows
+
+    block = 30 * 30 * 8
+    assert _block_rows(100, 30, torch.float64, DEFAULT_MEMORY_BUDGET) == 100
+    assert _block_rows(100, 30, torch.float64, 2 * 7 * block) == 7  # blocks + temporaries
+    assert _block_rows(100, 30, torch.float32, 2 * 7 * block) == 14
+    assert _block_rows(100, 30, torch.float64, ONE_ROW) == 1
+
+
+@pytest.mark.parametrize("case", [
+    ("relu", "0", "closed_form", "neuronwise_max"),
+    ("relu", "0", "exact", "neuronwise_max"),
+    ("conv", "0", "closed_form", "neuronwise_max"),
+    ("conv", "0", "exact", "neuronwise_max"),
+    ("relu", "2", "hutchinson", "kappa"),
+    ("relu", "2", "hutchinson_kappa", "kappa"),
+    ("relu", "0", "exact", "kappa"),
+])
+def test_relative_flatness_does_not_depend_on_the_budget(case):
+    net_name, layer, method, variant = case
+    net, data = RELU if net_name == "relu" else _conv()
+    kw = dict(method=method, variant=variant, probes=5, seed=2)
+    a = fv.relative_flatness(net, data, layer, **kw)
+    b = fv.relative_flatness(net, data, layer, **kw, memory_budget=ONE_ROW)
+    assert b.value == pytest.approx(a.value, rel=1e-12)
+    assert b.stderr == pytest.approx(a.stderr, rel=1e-10, abs=1e-300)
+    assert abs(b.T - a.T).max() <= 1e-12 * abs(a.T).max()
+    assert (a.memory_budget, b.memory_budget) == (DEFAULT_MEMORY_BUDGET, ONE_ROW)
+    if variant == "neuronwise_max":  # and both equal the dense oracle
+        assert b.value == pytest.approx(_neuronwise_oracle(net, data, layer), rel=1e-10)
+
+
+def test_hutchinson_rows_in_chunks_equal_the_dense_probe_block():
+    """method="hutchinson" forms e_s' ⊗ z a chunk of rows at a time; the reference forms the
+    whole d×(d·m) block per probe (the pre-chunking form)."""
+    from famviz.measures.relative import _hutchinson
+
+    net, data = RELU
+    obj = fv.Objective(net, data)
+    op = HessianOperator(obj, ["2.weight"])
+    W = obj.params["2.weight"]
+    d, m = W.shape
+    gen = generator(9, op.device)
+    Ts = []
+    for _ in range(4):
+        z = rademacher((m,), gen, op.device, op.dtype)
+        V = (torch.eye(d, dtype=op.dtype)[:, :, None] * z).reshape(d, d * m)
+        Ts.append((op.matmat(V).reshape(d, d, m) @ z).T)
+    expected = torch.stack(Ts).mean(dim=0)
+    for budget in (DEFAULT_MEMORY_BUDGET, ONE_ROW):
+        T, _ = _hutchinson(op, d, m, 4, 9, W @ W.T, budget)
+        assert torch.allclose(T, expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("method", ["exact", "hutchinson", "hutchinson_kappa"])
+def test_relative_flatness_progress_bar(method, capsys):
+    net, data = RELU
+    quiet = fv.relative_flatness(net, data, "2", method=method, probes=3, seed=0)
+    assert capsys.readouterr().err == ""
+    loud = fv.relative_flatness(net, data, "2", method=method, probes=3, seed=0, progress=True)
+    err = capsys.readouterr().err
+    assert "relative flatness" in err and f"{loud.num_hvps}/{loud.num_hvps}" in err
+    assert loud.value == quiet.value
