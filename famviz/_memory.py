@@ -64,8 +64,9 @@ def chunks(total: int, size: int):
 class VectorStore:
     """A growing list of at most ``capacity`` vectors of one length, dtype and device, holding
     at most ``memory_budget`` bytes of them on the device (at least one row at a time): when
-    they do not all fit, the rows past the resident ones go to a temporary file (the host's
-    page cache, not the process's memory) and are read back in chunks of a quarter of the
+    they do not all fit, the rows past the resident ones go to a temporary file (in
+    ``tempfile.gettempdir()``, i.e. ``$TMPDIR``: the host's page cache and disk, not the
+    process's memory; a tmpfs there is RAM) and are read back in chunks of a quarter of the
     budget, for every pass over the rows.
 
     Only what a Lanczos basis needs: ``append``, ``coefficients(w) = Q w`` and
@@ -84,6 +85,7 @@ class VectorStore:
         self._resident = torch.empty(resident, dim, dtype=dtype, device=self.device)
         self._n = 0
         self._file = None
+        self._buffer = None
         self._spilled = 0
 
     def __len__(self) -> int:
@@ -102,19 +104,22 @@ class VectorStore:
         if self._file is None:
             self._file = tempfile.TemporaryFile(prefix="famviz-basis-")
         self._file.seek(self._spilled * self.row_bytes)
-        self._file.write(v.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        self._file.write(v.detach().to("cpu").contiguous().view(torch.uint8).numpy())
         self._spilled += 1
 
     def blocks(self, start: int = 0, stop: int | None = None):
-        """The rows ``start:stop`` as (r, dim) matrices on the device, in order (views of the
-        resident rows, then chunks read back from the file)."""
+        """The rows ``start:stop`` as (r, dim) matrices on the device, in order: views of the
+        resident rows, then chunks read back from the file into one reused buffer (each valid
+        until the next one is read)."""
         res = self._n
         stop = len(self) if stop is None else min(stop, len(self))
         for a, b in chunks(max(0, min(stop, res) - start), self.chunk):
             yield self._resident[start + a:start + b]
         first = max(start, res) - res
         for a, b in chunks(max(0, stop - res - first), self.chunk):
-            buf = torch.empty((b - a) * self.row_bytes, dtype=torch.uint8)
+            if self._buffer is None:  # allocated once: no fresh pages to fault in per read
+                self._buffer = torch.empty(self.chunk * self.row_bytes, dtype=torch.uint8)
+            buf = self._buffer[:(b - a) * self.row_bytes]
             self._file.seek((first + a) * self.row_bytes)
             self._file.readinto(buf.numpy())
             yield buf.view(self.dtype).reshape(b - a, self.dim).to(self.device)
@@ -129,9 +134,14 @@ class VectorStore:
         (rows, k)."""
         out, pos = None, 0
         for Q in self.blocks(start, start + len(c)):
-            term = Q.T @ c[pos:pos + len(Q)]
+            part = c[pos:pos + len(Q)]
             pos += len(Q)
-            out = term if out is None else out + term
+            if out is None:
+                out = Q.T @ part
+            elif part.ndim == 1:
+                out.addmv_(Q.T, part)  # in place: no new vector per chunk
+            else:
+                out.addmm_(Q.T, part)
         if out is None:
             return torch.zeros(self.dim, *c.shape[1:], dtype=self.dtype, device=self.device)
         return out
@@ -141,6 +151,7 @@ class VectorStore:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._buffer = None
         self._resident, self._n, self._spilled = self._resident[:0], 0, 0
 
 
