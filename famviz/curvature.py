@@ -358,10 +358,12 @@ def hutchpp_trace(op: HessianOperator, hvps: int, seed: int,
     remainder :math:`(I - QQ^\\top) H (I - QQ^\\top)` uses the last third. The standard error
     is that of the remainder's Hutchinson samples.
 
-    Memory: the sketch :math:`HS` and its orthonormal basis Q (k = ``hvps // 3`` vectors each,
-    both alive during the QR factorization) are inherent to the method; the sketch probes S,
-    the products :math:`HQ` and the remainder's probes come in chunks of :func:`probe_rows`
-    within ``memory_budget``.
+    Memory: the sketch :math:`Y = HS` (k = ``hvps // 3`` vectors) is the method itself; it is
+    factored in place (Householder, ``geqrf``). Q is formed as a second k-vector matrix only
+    when both fit in ``memory_budget``; otherwise it is applied from the reflectors
+    (``ormqr``, slower). The sketch probes S, the columns of Q with their products
+    :math:`HQ`, and the remainder's probes come in chunks of :func:`probe_rows` within
+    ``memory_budget``.
     """
     if hvps < 6:
         raise ValueError(f"Hutch++ needs a budget of at least 6 HVPs, got {hvps}")
@@ -369,21 +371,41 @@ def hutchpp_trace(op: HessianOperator, hvps: int, seed: int,
     m = hvps - 2 * k
     gen = generator(seed, op.device)
     size = probe_rows(op, memory_budget)
-    Y = torch.empty(op.dim, k, dtype=op.dtype, device=op.device)  # H S, column by column
+    # H S column by column, in column-major layout: LAPACK factors it in place, no copy
+    Y = torch.empty(k, op.dim, dtype=op.dtype, device=op.device).T
     for start in range(0, k, size):
         stop = min(start + size, k)
         Y[:, start:stop] = op.matmat(rademacher_rows(stop - start, op.dim, gen, op.device,
                                                      op.dtype)).T
-    Q, _ = torch.linalg.qr(Y)  # (dim, k), orthonormal columns
-    del Y
+    tau = torch.empty(k, dtype=op.dtype, device=op.device)
+    reflectors, tau = torch.geqrf(Y, out=(Y, tau))  # in place: Y becomes Q's reflectors
+    # Q formed explicitly (faster products) when it fits in the budget beside the reflectors;
+    # else applied from them, Q_full = H_1 ... H_k (no second k-vector matrix)
+    row = op.dim * torch.empty((), dtype=op.dtype).element_size()
+    Q = torch.linalg.householder_product(reflectors, tau) if 2 * k * row <= memory_budget else None
+
+    def q_columns(start: int, stop: int) -> Tensor:  # (stop - start, dim)
+        if Q is not None:
+            return Q[:, start:stop].T
+        E = torch.zeros(op.dim, stop - start, dtype=op.dtype, device=op.device)
+        E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+        return torch.ormqr(reflectors, tau, E).T
+
+    def deflate(G: Tensor) -> Tensor:  # rows g -> (I - QQ^T) g
+        if Q is not None:
+            return G - (G @ Q) @ Q.T
+        # (I - QQ^T) g = Q_full [0; (Q_full^T g)_{k:}]: the first k coordinates are Q's
+        h = torch.ormqr(reflectors, tau, G.T, transpose=True)
+        h[:k] = 0
+        return torch.ormqr(reflectors, tau, h).T
+
     top = 0.0
     for start in range(0, k, size):
-        Qc = Q[:, start:start + size].T
+        Qc = q_columns(start, min(start + size, k))
         top += float((Qc * op.matmat(Qc)).sum())
     samples = []
     for start in range(0, m, size):
-        G = rademacher_rows(min(size, m - start), op.dim, gen, op.device, op.dtype)
-        G = G - (G @ Q) @ Q.T
+        G = deflate(rademacher_rows(min(size, m - start), op.dim, gen, op.device, op.dtype))
         samples.append((G * op.matmat(G)).sum(dim=1))
     samples = torch.cat(samples)
     rest = float(samples.mean())
