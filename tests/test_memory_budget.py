@@ -149,12 +149,18 @@ def test_public_trace_and_frobenius_do_not_depend_on_the_budget(call):
     assert b == pytest.approx(a, rel=1e-12)
 
 
-def test_lanczos_basis_spilled_to_a_file_gives_the_same_eigenpairs():
+def test_lanczos_basis_spilled_to_a_file_gives_the_same_eigenpairs(monkeypatch):
+    spilled = []
+    close = VectorStore.close
+    monkeypatch.setattr(VectorStore, "close", lambda self: (spilled.append(self.spilled),
+                                                            close(self)))
     op = operator()
     dense = torch.linalg.eigvalsh(op.dense()).flip(0)
     ref = lanczos_top(op, 3, 1e-10, 150, seed=2)
+    assert spilled == [0]  # the default budget holds the whole basis
     for budget in (10 * op.dim * 8, ONE_ROW):  # ten rows on the device / none
         eig = lanczos_top(op, 3, 1e-10, 150, seed=2, memory_budget=budget)
+        assert spilled[-1] >= eig.iterations - 10  # the basis went to the file
         assert torch.allclose(eig.values, ref.values, rtol=1e-10, atol=1e-14)
         assert eig.iterations == ref.iterations and eig.converged
         assert (eig.vectors * ref.vectors).sum(dim=1).abs().sub(1).abs().max() < 1e-8
