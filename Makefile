@@ -63,7 +63,7 @@ $(VENV)/.famviz-bench: $(STAMP)
 
 # each script prints its table of times and same-process ratios (see benchmarks/README.md)
 bench: $(VENV)/.famviz-bench
-	for s in curvature landscape measures fam_cost fam_compare widgets volume study scale; do \
+	for s in curvature landscape measures fam_cost fam_compare widgets volume study scale memory; do \
 	  $(PY) -u benchmarks/$$s.py || exit 1; done
 
 clean:

@@ -6,6 +6,7 @@ and numpy.
 """
 
 from . import data, fam, landscape, models, oracles, reparam
+from ._memory import DEFAULT_MEMORY_BUDGET
 from .batches import Batches
 from .curvature import HessianOperator
 from .measures import (
@@ -57,6 +58,7 @@ __all__ = [
     "Batches",
     "Objective",
     "HessianOperator",
+    "DEFAULT_MEMORY_BUDGET",
     "oracles",
     # relative flatness
     "relative_flatness",

@@ -28,11 +28,14 @@ import functools
 import math
 import secrets
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ._memory import DEFAULT_MEMORY_BUDGET, VectorStore, rows_per_chunk
+from ._progress import progress_bar
 from ._random import make_generator
 from .objective import Objective, check_finite_loss, double_backward_safe
 from .replica import shared_names
@@ -42,6 +45,8 @@ __all__ = [
     "ParamLayout",
     "hutchinson_trace",
     "probe_chunks",
+    "probe_rows",
+    "rademacher_rows",
     "hutchpp_trace",
     "lanczos_top",
     "power_iteration_top",
@@ -57,6 +62,7 @@ __all__ = [
     "new_seed",
     "generator",
     "rademacher",
+    "hvp_progress",
 ]
 
 #: largest batch of vectors pushed through one batched HVP (bounds memory)
@@ -143,8 +149,11 @@ class HessianOperator:
       memory stays flat in the number of samples; an HVP then costs a forward, a backward and
       a double-backward pass per batch.
 
-    ``num_hvps`` counts the Hessian-vector products made.
+    ``num_hvps`` counts the Hessian-vector products made; a progress bar set as ``bar`` (by
+    :func:`hvp_progress`) is advanced by each.
     """
+
+    bar = None  # a tqdm bar counting HVPs, while hvp_progress holds one
 
     def __init__(self, objective: Objective, names: Sequence[str], *, stream: bool | None = None):
         if not names:
@@ -227,6 +236,8 @@ class HessianOperator:
     def matvec(self, v: Tensor) -> Tensor:
         """H v for a flat vector ``v`` of length ``dim``."""
         self.num_hvps += 1
+        if self.bar is not None:
+            self.bar.update(1)
         if not self._live:
             return torch.zeros_like(v)
         return self.layout.flatten(self._backward(self.layout.split(v), batched=False))
@@ -240,6 +251,8 @@ class HessianOperator:
         for start in range(0, V.shape[0], HVP_CHUNK):
             chunk = V[start : start + HVP_CHUNK]
             self.num_hvps += chunk.shape[0]
+            if self.bar is not None:
+                self.bar.update(chunk.shape[0])
             if not self._live:
                 out.append(torch.zeros_like(chunk))
                 continue
@@ -247,27 +260,43 @@ class HessianOperator:
             out.append(torch.cat([p.reshape(chunk.shape[0], -1) for p in parts], dim=1))
         return torch.cat(out)
 
-    def columns(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def columns(self, memory_budget: int = DEFAULT_MEMORY_BUDGET
+                ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(idx, H[idx])``: chunks of Hessian rows (= columns) from HVPs with the unit
-        vectors ``e_idx``, so callers can reduce them without holding the dense matrix."""
-        for start in range(0, self.dim, HVP_CHUNK):
-            idx = torch.arange(start, min(start + HVP_CHUNK, self.dim), device=self.device)
+        vectors ``e_idx``, so callers can reduce them without holding the dense matrix; chunks
+        of :func:`probe_rows` rows within ``memory_budget``."""
+        size = probe_rows(self, memory_budget)
+        for start in range(0, self.dim, size):
+            idx = torch.arange(start, min(start + size, self.dim), device=self.device)
             E = torch.zeros(len(idx), self.dim, device=self.device, dtype=self.dtype)
             E[torch.arange(len(idx), device=self.device), idx] = 1
             yield idx, self.matmat(E)
 
     def dense(self) -> Tensor:
         """The full (dim, dim) Hessian from ``dim`` HVPs; for small parameter blocks."""
-        H = torch.cat([rows for _, rows in self.columns()])
+        H = torch.cat([rows for _, rows in self.columns(DEFAULT_MEMORY_BUDGET)])
         return (H + H.T) / 2
 
-    def diagonal(self) -> Tensor:
-        """The exact diagonal from ``dim`` HVPs with unit vectors (chunked)."""
+    def diagonal(self, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Tensor:
+        """The exact diagonal from ``dim`` HVPs with unit vectors (chunked, see
+        :meth:`columns`)."""
         return torch.cat([rows[torch.arange(len(idx), device=rows.device), idx]
-                          for idx, rows in self.columns()])
+                          for idx, rows in self.columns(memory_budget)])
 
 
 # ------------------------------------------------------------------------- trace estimators
+
+
+@contextmanager
+def hvp_progress(op: HessianOperator, enabled: bool, total: int | None, desc: str):
+    """While inside, a progress bar (:func:`famviz._progress.progress_bar`) counts the HVPs
+    of ``op``; nothing is shown or imported when not ``enabled``."""
+    with progress_bar(enabled, total, desc) as bar:
+        op.bar = bar
+        try:
+            yield bar
+        finally:
+            op.bar = None
 
 
 def rademacher(shape, gen: torch.Generator, device, dtype) -> Tensor:
@@ -282,45 +311,107 @@ class Estimate:
     num_hvps: int
 
 
-def hutchinson_trace(op: HessianOperator, probes: int, seed: int) -> Estimate:
+def hutchinson_trace(op: HessianOperator, probes: int, seed: int,
+                     memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Estimate:
     """Hutchinson's estimator :math:`\\mathrm{Tr}(H) \\approx \\frac1K\\sum_k v_k^\\top H v_k`
-    with Rademacher probes; the standard error is the sample std over probes / sqrt(K)."""
+    with Rademacher probes; the standard error is the sample std over probes / sqrt(K).
+    Probes are drawn and multiplied in chunks (:func:`probe_chunks`) within ``memory_budget``."""
     if probes < 2:
         raise ValueError(f"probes must be at least 2 (for a standard error), got {probes}")
     gen = generator(seed, op.device)
     samples = torch.cat([(V * op.matmat(V)).sum(dim=1)
-                         for V in probe_chunks(op, probes, gen)])
+                         for V in probe_chunks(op, probes, gen, memory_budget)])
     return Estimate(float(samples.mean()), float(samples.std() / math.sqrt(probes)), probes)
 
 
-def probe_chunks(op: HessianOperator, probes: int, gen: torch.Generator) -> Iterator[Tensor]:
-    """``probes`` Rademacher probes drawn from ``gen`` in chunks that one batched HVP takes
-    (one at a time above :data:`BATCHED_HVP_MAX_DIM` parameters), so memory holds a chunk of
-    probes, never all of them; the probes are those of one draw of (probes, dim)."""
-    size = HVP_CHUNK if op.dim <= BATCHED_HVP_MAX_DIM else 1
+def probe_rows(op: HessianOperator, memory_budget: int, copies: int = 3) -> int:
+    """Probe vectors per chunk: as many as ``copies`` (probes, their products, a temporary)
+    of them fit in ``memory_budget``, at most one batched HVP's worth (:data:`HVP_CHUNK`), and
+    one at a time above :data:`BATCHED_HVP_MAX_DIM` parameters, where HVPs go one by one
+    anyway; at least one."""
+    row = op.dim * torch.empty((), dtype=op.dtype).element_size()
+    cap = HVP_CHUNK if op.dim <= BATCHED_HVP_MAX_DIM else 1
+    return rows_per_chunk(row, memory_budget, copies=copies, cap=cap)
+
+
+def rademacher_rows(n: int, dim: int, gen: torch.Generator, device, dtype) -> Tensor:
+    """``n`` Rademacher vectors (n, dim) drawn one row after another, so that any grouping of
+    rows into chunks gives the same vectors on every device (a CPU generator draws them as one
+    (n, dim) block would)."""
+    if torch.device(device).type == "cpu":
+        return rademacher((n, dim), gen, device, dtype)
+    return torch.stack([rademacher((dim,), gen, device, dtype) for _ in range(n)])
+
+
+def probe_chunks(op: HessianOperator, probes: int, gen: torch.Generator,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Iterator[Tensor]:
+    """``probes`` Rademacher probes drawn from ``gen`` in chunks of :func:`probe_rows`, so
+    memory holds a chunk of probes, never all of them; the probes do not depend on the
+    chunking (:func:`rademacher_rows`: on a CPU they are those of one (probes, dim) draw)."""
+    size = probe_rows(op, memory_budget)
     for start in range(0, probes, size):
-        yield rademacher((min(size, probes - start), op.dim), gen, op.device, op.dtype)
+        yield rademacher_rows(min(size, probes - start), op.dim, gen, op.device, op.dtype)
 
 
-def hutchpp_trace(op: HessianOperator, hvps: int, seed: int) -> Estimate:
+def hutchpp_trace(op: HessianOperator, hvps: int, seed: int,
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Estimate:
     """Hutch++ (Meyer, Musco, Musco, Woodruff 2021) with a budget of ``hvps`` products.
 
     A third of the budget sketches the top of the spectrum (:math:`Q = \\mathrm{orth}(H S)`),
     whose trace :math:`\\mathrm{Tr}(Q^\\top H Q)` is exact; Hutchinson on the deflated
     remainder :math:`(I - QQ^\\top) H (I - QQ^\\top)` uses the last third. The standard error
     is that of the remainder's Hutchinson samples.
+
+    Memory: the sketch :math:`Y = HS` (k = ``hvps // 3`` vectors) is the method itself; it is
+    factored in place (Householder, ``geqrf``). Q is formed as a second k-vector matrix only
+    when both fit in ``memory_budget``; otherwise it is applied from the reflectors
+    (``ormqr``, slower). The sketch probes S, the columns of Q with their products
+    :math:`HQ`, and the remainder's probes come in chunks of :func:`probe_rows` within
+    ``memory_budget``.
     """
     if hvps < 6:
         raise ValueError(f"Hutch++ needs a budget of at least 6 HVPs, got {hvps}")
     k = min(hvps // 3, op.dim)
     m = hvps - 2 * k
     gen = generator(seed, op.device)
-    S = rademacher((k, op.dim), gen, op.device, op.dtype)
-    Q, _ = torch.linalg.qr(op.matmat(S).T)  # (dim, k), orthonormal columns
-    top = float(torch.einsum("ik,ki->", Q.T, op.matmat(Q.T).T))
-    G = rademacher((m, op.dim), gen, op.device, op.dtype)
-    G = G - (G @ Q) @ Q.T
-    samples = (G * op.matmat(G)).sum(dim=1)
+    size = probe_rows(op, memory_budget)
+    # H S column by column, in column-major layout: LAPACK factors it in place, no copy
+    Y = torch.empty(k, op.dim, dtype=op.dtype, device=op.device).T
+    for start in range(0, k, size):
+        stop = min(start + size, k)
+        Y[:, start:stop] = op.matmat(rademacher_rows(stop - start, op.dim, gen, op.device,
+                                                     op.dtype)).T
+    tau = torch.empty(k, dtype=op.dtype, device=op.device)
+    reflectors, tau = torch.geqrf(Y, out=(Y, tau))  # in place: Y becomes Q's reflectors
+    # Q formed explicitly (faster products) when it fits in the budget beside the reflectors;
+    # else applied from them, Q_full = H_1 ... H_k (no second k-vector matrix)
+    row = op.dim * torch.empty((), dtype=op.dtype).element_size()
+    Q = torch.linalg.householder_product(reflectors, tau) if 2 * k * row <= memory_budget else None
+
+    def q_columns(start: int, stop: int) -> Tensor:  # (stop - start, dim)
+        if Q is not None:
+            return Q[:, start:stop].T
+        E = torch.zeros(op.dim, stop - start, dtype=op.dtype, device=op.device)
+        E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+        return torch.ormqr(reflectors, tau, E).T
+
+    def deflate(G: Tensor) -> Tensor:  # rows g -> (I - QQ^T) g
+        if Q is not None:
+            return G - (G @ Q) @ Q.T
+        # (I - QQ^T) g = Q_full [0; (Q_full^T g)_{k:}]: the first k coordinates are Q's
+        h = torch.ormqr(reflectors, tau, G.T, transpose=True)
+        h[:k] = 0
+        return torch.ormqr(reflectors, tau, h).T
+
+    top = 0.0
+    for start in range(0, k, size):
+        Qc = q_columns(start, min(start + size, k))
+        top += float((Qc * op.matmat(Qc)).sum())
+    samples = []
+    for start in range(0, m, size):
+        G = deflate(rademacher_rows(min(size, m - start), op.dim, gen, op.device, op.dtype))
+        samples.append((G * op.matmat(G)).sum(dim=1))
+    samples = torch.cat(samples)
     rest = float(samples.mean())
     stderr = float(samples.std() / math.sqrt(m)) if m > 1 else float("nan")
     return Estimate(top + rest, stderr, 2 * k + m)
@@ -364,21 +455,33 @@ def _true_residuals(op: HessianOperator, vals: Tensor, vecs: Tensor) -> Tensor:
     return (op.matmat(vecs) - vals[:, None] * vecs).norm(dim=1)
 
 
-def _unit_orthogonal(n: int, Q: list[Tensor], gen: torch.Generator, op) -> Tensor | None:
+def _orthogonalize(q: Tensor, Q) -> Tensor:
+    """``q`` minus its projection on the rows of ``Q`` (a list of vectors or a
+    :class:`VectorStore`), classical Gram-Schmidt applied twice (Kahan-Parlett)."""
+    if not len(Q):
+        return q
+    if isinstance(Q, VectorStore):
+        for _ in range(2):
+            q = q - Q.combine(Q.coefficients(q))
+        return q
+    Qm = torch.stack(Q)
+    for _ in range(2):
+        q = q - Qm.T @ (Qm @ q)
+    return q
+
+
+def _unit_orthogonal(n: int, Q, gen: torch.Generator, op) -> Tensor | None:
     """A random unit vector orthogonal to the rows of Q (None if Q spans everything)."""
     q = torch.randn(n, generator=gen, device=op.device, dtype=op.dtype)
-    q = q / q.norm()
-    if Q:
-        Qm = torch.stack(Q)
-        for _ in range(2):
-            q = q - Qm.T @ (Qm @ q)
+    q = _orthogonalize(q / q.norm(), Q)
     norm = float(q.norm())
     if norm <= BREAKDOWN_EPS * _eps(op.dtype):
         return None
     return q / norm
 
 
-def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int) -> Eigen:
+def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: int,
+                memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Eigen:
     """The ``k`` largest (algebraic) eigenpairs by Lanczos with full reorthogonalization.
 
     All tolerances are relative to the spectral scale s, the largest :math:`\\|Hq_j\\|` seen
@@ -399,6 +502,11 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: in
     ``converged`` is decided at the end from the true residuals :math:`\\|Hv - \\theta v\\|`
     (k more HVPs), not from the Lanczos bound, and is False when ``max_iter`` (all blocks
     together) ran out before the check.
+
+    The Lanczos basis (one vector per iteration) lives in a :class:`VectorStore`: at most
+    ``memory_budget`` bytes of it on the device, the rest in a temporary file read back in
+    chunks for each reorthogonalization (the same numbers up to the order of summation). Of
+    each finished block only its top k Ritz vectors are formed.
     """
     n = op.dim
     if not 1 <= k <= n:
@@ -408,22 +516,34 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: in
         raise ValueError(f"max_iter={max_iter} is below k={k}: Lanczos needs at least k "
                          "iterations for k eigenvalues; raise max_iter")
     gen = generator(seed, op.device)
-    Q: list[Tensor] = [_unit_orthogonal(n, [], gen, op)]
-    done: list[tuple[Tensor, Tensor]] = []  # finished blocks: (Ritz values, Ritz vectors)
+    # max_iter + 1 rows: the vector after the last iteration is appended before the loop ends
+    Q = VectorStore(n, op.dtype, op.device, memory_budget, capacity=max_iter + 1)
+    try:
+        return _lanczos(op, k, tol, max_iter, gen, Q)
+    finally:
+        Q.close()
+
+
+def _lanczos(op: HessianOperator, k: int, tol: float, max_iter: int, gen, Q: VectorStore) -> Eigen:
+    n = op.dim
+    q = _unit_orthogonal(n, Q, gen, op)
+    Q.append(q)
+    done: list[tuple[Tensor, Tensor]] = []  # finished blocks: (Ritz values, top-k Ritz vectors)
     start, alphas, betas = 0, [], []  # the current block: Q[start:], its tridiagonal T
     scale, converged, iterations = 0.0, False, 0
     theta = S = None
     kth = -math.inf  # the k-th largest value of the finished blocks
 
+    def ritz(theta: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+        top = S[:, :k].to(device=op.device, dtype=op.dtype)  # only these can be among the top k
+        return theta, Q.combine(top, start).T
+
     for _ in range(max_iter):
         iterations += 1
-        q = Q[-1]
         w = op.matvec(q)
         scale = max(scale, float(w.norm()))
         alphas.append(float(w @ q))
-        Qm = torch.stack(Q)
-        for _ in range(2):  # twice is enough (Kahan-Parlett)
-            w = w - Qm.T @ (Qm @ w)
+        w = _orthogonalize(w, Q)
         beta = float(w.norm())
         T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if betas:
@@ -443,11 +563,12 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: in
             have = sum(len(v) for v, _ in done) + len(alphas)
             if not (have >= k and residual_ok(bounds[:kk], theta[:kk], tol, scale, op.dtype)):
                 betas.append(beta)
-                Q.append(w / beta)
+                q = w / beta
+                Q.append(q)
                 continue
         # the block is finished: its converged (or, after a breakdown, exact) pairs are kept
         new_top = float(theta[0]) > kth
-        done.append((theta, S.to(device=op.device, dtype=op.dtype).T @ torch.stack(Q[start:])))
+        done.append(ritz(theta, S))
         alphas, betas = [], []
         vals = torch.cat([v for v, _ in done])
         if len(vals) >= k:
@@ -462,14 +583,21 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, seed: in
         start = len(Q)
         Q.append(q)
     if alphas:  # the unfinished block
-        done.append((theta, S.to(device=op.device, dtype=op.dtype).T @ torch.stack(Q[start:start + len(alphas)])))
+        done.append(ritz(theta, S))
     vals = torch.cat([v for v, _ in done])
-    vecs = torch.cat([v for _, v in done])
     if len(vals) < k:  # pragma: no cover - max_iter >= k gives k Ritz values
         raise RuntimeError(f"Lanczos produced {len(vals)} Ritz values for k={k}")
-    order = torch.argsort(vals, descending=True)[:k]
-    vals = vals[order].to(op.dtype)
-    vecs = vecs[order]
+    # a stable sort picks, among equal values, the earlier (so within a block one of the top k)
+    order = torch.sort(vals, descending=True, stable=True).indices[:k].tolist()
+    offsets = [0]
+    for v, _ in done:
+        offsets.append(offsets[-1] + len(v))
+    picked = []
+    for i in order:
+        b = max(j for j in range(len(done)) if offsets[j] <= i)
+        picked.append(done[b][1][i - offsets[b]])
+    vals = vals[order].to(device=op.device, dtype=op.dtype)
+    vecs = torch.stack(picked)
     vecs = vecs / vecs.norm(dim=1, keepdim=True)
     res = _true_residuals(op, vals, vecs)
     converged = converged and residual_ok(res, vals, tol, scale, op.dtype)

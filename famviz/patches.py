@@ -97,9 +97,11 @@ def per_sample_vectors(obj: Objective, layer: str) -> bool:
     return out.ndim == 2 and cap[layer].get("phi", out).ndim == 2
 
 
-def closed_form(obj: Objective, layer: str, want_blocks: bool) -> tuple[Tensor, Tensor | None]:
-    """T (d×d) and, if wanted, the diagonal blocks :math:`H_{ss}` (d×m×m) from the
-    Gauss-Newton pull-back :math:`T = \\frac1N \\sum_{n,c} A_{cn} A_{cn}^\\top`.
+def closed_form(obj: Objective, layer: str, want_blocks: bool,
+                neurons: tuple[int, int] | None = None) -> tuple[Tensor, Tensor | None]:
+    """T (d×d) and, if wanted, the diagonal blocks :math:`H_{ss}` from the Gauss-Newton
+    pull-back :math:`T = \\frac1N \\sum_{n,c} A_{cn} A_{cn}^\\top`: those of the neurons
+    ``range(*neurons)`` (all d when None), shaped (neurons, m, m).
 
     Exact only when the layer is the output layer or only piecewise-linear modules follow it,
     with loss ``"cross_entropy"`` or ``"mse"`` (callers check). Memory: the backpropagated
@@ -110,7 +112,9 @@ def closed_form(obj: Objective, layer: str, want_blocks: bool) -> tuple[Tensor, 
     d, m = weight_shape(module)
     params = {n: p.detach() for n, p in obj.params.items()}
     T = torch.zeros(d, d, dtype=obj.dtype, device=obj.device)
-    blocks = torch.zeros(d, m, m, dtype=obj.dtype, device=obj.device) if want_blocks else None
+    first, last = (0, d) if neurons is None else neurons
+    blocks = (torch.zeros(last - first, m, m, dtype=obj.dtype, device=obj.device)
+              if want_blocks else None)
     for X, y in obj.batches:
         with obj.capture([layer]) as cap:
             out = obj.forward(params, X)
@@ -156,7 +160,7 @@ def closed_form(obj: Objective, layer: str, want_blocks: bool) -> tuple[Tensor, 
             A2 = A.reshape(d, -1)
             T += A2 @ A2.T
             if want_blocks:
-                A3 = A.reshape(d, -1, m)
+                A3 = A.reshape(d, -1, m)[first:last]
                 blocks += A3.transpose(1, 2) @ A3
     N = obj.num_samples
     return T / N, (blocks / N if want_blocks else None)

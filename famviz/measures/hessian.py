@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .._memory import DEFAULT_MEMORY_BUDGET, check_memory_budget
+from .._progress import check_progress
 from ..curvature import (
     HessianOperator,
     generator,
     hutchinson_trace,
+    hvp_progress,
     hutchpp_trace,
     lanczos_top,
     linear_pullback,
@@ -74,6 +77,7 @@ class TraceResult:
         num_hvps: Hessian-vector products used (0 for the Gauss-Newton backend).
         seed: the seed of a stochastic estimate, else None.
         objective: loss, number of samples, BatchNorm policy, dtype, device.
+        memory_budget: the memory budget in bytes the call ran with.
     """
 
     value: float
@@ -85,6 +89,7 @@ class TraceResult:
     num_hvps: int
     seed: int | None
     objective: ObjectiveInfo
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
 
     def __float__(self) -> float:
         return self.value
@@ -97,7 +102,8 @@ class EigenResult:
     ``eigenvectors[i]`` is a name-keyed dict of unit-norm directions (jointly unit norm over all
     selected parameters). ``residuals[i]`` is :math:`\\|Hv_i - \\lambda_i v_i\\|`, computed
     with one more HVP per pair at the end; ``converged`` is True only when each is at most
-    ``tol`` times :math:`\\max(|\\lambda_i|, s)`, s the spectral scale.
+    ``tol`` times :math:`\\max(|\\lambda_i|, s)`, s the spectral scale. ``memory_budget`` is
+    the budget in bytes the call ran with.
     """
 
     eigenvalues: tuple[float, ...]
@@ -111,6 +117,7 @@ class EigenResult:
     num_hvps: int
     seed: int
     objective: ObjectiveInfo
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
 
     @property
     def value(self) -> float:
@@ -122,7 +129,8 @@ class EigenResult:
 
 @dataclass(frozen=True)
 class FrobeniusResult:
-    """:math:`\\|H\\|_F`; ``float(result)`` is the norm."""
+    """:math:`\\|H\\|_F`; ``float(result)`` is the norm (``memory_budget``: the budget in bytes
+    the call ran with)."""
 
     value: float
     stderr: float
@@ -131,6 +139,7 @@ class FrobeniusResult:
     num_hvps: int
     seed: int | None
     objective: ObjectiveInfo
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
 
     def __float__(self) -> float:
         return self.value
@@ -173,6 +182,8 @@ def hessian_trace(
     dtype: torch.dtype | None = None,
     device=None,
     bn: str = "eval",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = False,
 ) -> TraceResult:
     """Trace of the Hessian of the mean loss over the selected parameters.
 
@@ -198,6 +209,11 @@ def hessian_trace(
         probes: HVP budget of the stochastic methods.
         seed: seed of the stochastic methods (a fresh one is drawn and recorded if None).
         dtype, device, bn: evaluation dtype, device and BatchNorm policy.
+        memory_budget: bytes of vectors the algorithm may hold at once besides the model
+            and one batch's graph (chunks of probes or unit vectors; Hutch++'s sketch of ``probes // 3`` vectors is held whole); results do not
+            depend on it, only memory and speed. Default
+            :data:`famviz.DEFAULT_MEMORY_BUDGET` (1 GiB).
+        progress: show a progress bar of the Hessian-vector products (``tqdm.auto``).
 
     Example (least squares, :math:`H = \\frac{2}{N}X^\\top X`):
 
@@ -211,6 +227,8 @@ def hessian_trace(
     check_option("method", method, TRACE_METHODS)
     seed = check_seed(seed)
     probes = check_count("probes", probes)
+    memory_budget = check_memory_budget(memory_budget)
+    progress = check_progress(progress)
     names = resolve_params(model, params)
     obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
     info = obj.info()
@@ -224,18 +242,21 @@ def hessian_trace(
     if method == "exact" and gauss_newton:
         per = _gauss_newton_traces(obj, names, stack)
         return TraceResult(sum(per.values()), 0.0, "exact", "gauss-newton", per, tuple(names), 0,
-                           None, info)
+                           None, info, memory_budget)
 
     op = HessianOperator(obj, names)
     if method == "exact":
-        diag = op.diagonal()
+        with hvp_progress(op, progress, op.dim, "Hessian trace (exact)"):
+            diag = op.diagonal(memory_budget)
         per = {n: float(t.sum()) for n, t in op.layout.unflatten(diag).items()}
         return TraceResult(float(diag.sum()), 0.0, "exact", "hvp-diagonal", per, tuple(names),
-                           op.num_hvps, None, info)
+                           op.num_hvps, None, info, memory_budget)
     seed = new_seed() if seed is None else seed
-    est = (hutchinson_trace if method == "hutchinson" else hutchpp_trace)(op, probes, seed)
+    estimator = hutchinson_trace if method == "hutchinson" else hutchpp_trace
+    with hvp_progress(op, progress, probes, f"Hessian trace ({method})"):
+        est = estimator(op, probes, seed, memory_budget)
     return TraceResult(est.value, est.stderr, method, "hvp", {}, tuple(names), op.num_hvps, seed,
-                       info)
+                       info, memory_budget)
 
 
 def hessian_top_eigenvalue(
@@ -252,6 +273,8 @@ def hessian_top_eigenvalue(
     dtype: torch.dtype | None = None,
     device=None,
     bn: str = "eval",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = False,
 ) -> EigenResult:
     """The ``k`` largest eigenvalues of the Hessian (and their eigenvectors).
 
@@ -273,6 +296,11 @@ def hessian_top_eigenvalue(
     true residuals (k extra HVPs at the end) and ``result.converged`` is True only when they
     meet that bound — False when ``max_iter`` ran out first.
 
+    ``memory_budget`` (bytes, default :data:`famviz.DEFAULT_MEMORY_BUDGET`) bounds the part of
+    the Lanczos basis kept on the device; the rest goes to a temporary file and is read back
+    in chunks (:class:`famviz._memory.VectorStore`), with the same eigenvalues. ``progress``
+    shows a bar counting the Hessian-vector products (``tqdm.auto``).
+
     Example (least squares: :math:`H = \\mathrm{diag}(1, 4)`):
 
     >>> import torch
@@ -291,6 +319,8 @@ def hessian_top_eigenvalue(
         raise ValueError(f"tol must be > 0, got {tol!r}")
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
+    memory_budget = check_memory_budget(memory_budget)
+    progress = check_progress(progress)
     if method == "lanczos" and max_iter < k:
         raise ValueError(f"max_iter={max_iter} is below k={k}: Lanczos needs at least k "
                          "iterations for k eigenvalues; raise max_iter")
@@ -300,13 +330,16 @@ def hessian_top_eigenvalue(
     if k > op.dim:
         raise ValueError(f"k={k} exceeds the number of selected parameters ({op.dim})")
     seed = new_seed() if seed is None else seed
-    solver = lanczos_top if method == "lanczos" else power_iteration_top
-    eig = solver(op, int(k), float(tol), int(max_iter), seed)
+    with hvp_progress(op, progress, None, f"Hessian eigenvalues ({method})"):
+        if method == "lanczos":
+            eig = lanczos_top(op, int(k), float(tol), int(max_iter), seed, memory_budget)
+        else:
+            eig = power_iteration_top(op, int(k), float(tol), int(max_iter), seed)
     vectors = [{n: t.detach() for n, t in op.layout.unflatten(v).items()} for v in eig.vectors]
     return EigenResult(
         tuple(float(v) for v in eig.values), vectors, tuple(float(r) for r in eig.residuals),
         method, float(tol), eig.converged, eig.iterations, tuple(names), op.num_hvps, seed,
-        obj.info(),
+        obj.info(), memory_budget,
     )
 
 
@@ -322,13 +355,17 @@ def hessian_frobenius(
     dtype: torch.dtype | None = None,
     device=None,
     bn: str = "eval",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = False,
 ) -> FrobeniusResult:
     """Frobenius norm of the Hessian, :math:`\\|H\\|_F = \\sqrt{\\mathrm{Tr}(H^2)}`.
 
     ``"exact"`` sums :math:`\\|He_i\\|^2` over all coordinates (one HVP each, batched);
     ``"hutchinson"`` estimates :math:`\\mathrm{Tr}(H^2) = \\mathbb E\\|Hv\\|^2` with Rademacher
     probes, the standard error carried to the norm by the delta method; ``"auto"`` is exact up
-    to :data:`AUTO_EXACT_MAX_PARAMS` parameters.
+    to :data:`AUTO_EXACT_MAX_PARAMS` parameters. ``memory_budget`` (bytes, default
+    :data:`famviz.DEFAULT_MEMORY_BUDGET`) bounds the chunks of unit vectors or probes held at
+    once (the result does not depend on it); ``progress`` shows a bar counting the HVPs.
 
     >>> import torch
     >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
@@ -340,21 +377,26 @@ def hessian_frobenius(
     check_option("method", method, FROBENIUS_METHODS)
     seed = check_seed(seed)
     probes = check_count("probes", probes, minimum=2)
+    memory_budget = check_memory_budget(memory_budget)
+    progress = check_progress(progress)
     names = resolve_params(model, params)
     obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
     op = HessianOperator(obj, names)
     if method == "auto":
         method = "exact" if op.dim <= AUTO_EXACT_MAX_PARAMS else "hutchinson"
     if method == "exact":
-        total = sum(float(rows.pow(2).sum()) for _, rows in op.columns())
+        with hvp_progress(op, progress, op.dim, "Hessian Frobenius norm (exact)"):
+            total = sum(float(rows.pow(2).sum()) for _, rows in op.columns(memory_budget))
         return FrobeniusResult(math.sqrt(total), 0.0, "exact", tuple(names), op.num_hvps, None,
-                               obj.info())
+                               obj.info(), memory_budget)
     seed = new_seed() if seed is None else seed
     gen = generator(seed, op.device)
-    samples = torch.cat([op.matmat(V).pow(2).sum(dim=1) for V in probe_chunks(op, probes, gen)])
+    with hvp_progress(op, progress, probes, "Hessian Frobenius norm (hutchinson)"):
+        samples = torch.cat([op.matmat(V).pow(2).sum(dim=1)
+                             for V in probe_chunks(op, probes, gen, memory_budget)])
     sq = float(samples.mean())
     value = math.sqrt(max(sq, 0.0))
     stderr_sq = float(samples.std() / math.sqrt(probes))
     stderr = stderr_sq / (2 * value) if value > 0 else float("nan")
     return FrobeniusResult(value, stderr, "hutchinson", tuple(names), op.num_hvps, seed,
-                           obj.info())
+                           obj.info(), memory_budget)

@@ -23,12 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._memory import DEFAULT_MEMORY_BUDGET, check_memory_budget, chunks, nbytes, rows_per_chunk
+from .._progress import check_progress
 from ..curvature import (
     HessianOperator,
     generator,
+    hvp_progress,
     linear_pullback,
     new_seed,
     piecewise_linear_after,
+    probe_rows,
     rademacher,
 )
 from ..objective import (
@@ -64,8 +68,6 @@ NORMALIZATIONS = (None, "m")
 AUTO_EXACT_MAX_HVPS = 4096
 #: default number of Hutchinson probes (each costs d HVPs; one with "hutchinson_kappa")
 DEFAULT_PROBES = 64
-#: "hutchinson_kappa" forms its probe vectors in chunks of at most this many entries
-PROBE_CHUNK_ENTRIES = 2**22
 #: rank of "hutchinson_kappa"'s random matrices Z = AB^T/sqrt(k): on a tanh MLP, rank 16 gave
 #: a spread per probe within 1.2x of a full Rademacher Z (docs/conv.md)
 PROBE_RANK = 32
@@ -89,6 +91,7 @@ class RelativeFlatnessResult:
         num_hvps: Hessian-vector products used (0 for the closed form).
         seed: Hutchinson's seed, else None.
         objective: loss, number of samples, BatchNorm policy, dtype, device.
+        memory_budget: the memory budget in bytes the call ran with.
     """
 
     value: float
@@ -103,6 +106,7 @@ class RelativeFlatnessResult:
     num_hvps: int
     seed: int | None
     objective: ObjectiveInfo
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
 
     @property
     def T(self) -> np.ndarray:
@@ -113,58 +117,100 @@ class RelativeFlatnessResult:
         return self.value
 
 
-def _closed_form(obj: Objective, layer: str, want_blocks: bool):
-    """T (d×d), κ and, if wanted, the diagonal blocks H_ss (d×m×m) from the Gauss-Newton
-    pull-back: :math:`T = \\frac1N\\sum_n \\|\\phi_n\\|^2 \\Delta_n\\Delta_n^\\top`. κ comes
-    from :meth:`Pullback.gram_and_kappa` (a sum of non-negative terms, so float32 stays accurate and
+def _closed_form(obj: Objective, layer: str):
+    """T (d×d) and κ from the Gauss-Newton pull-back:
+    :math:`T = \\frac1N\\sum_n \\|\\phi_n\\|^2 \\Delta_n\\Delta_n^\\top`. κ comes from
+    :meth:`Pullback.gram_and_kappa` (a sum of non-negative terms, so float32 stays accurate and
     non-negative near zero cross-entropy, where ⟨WWᵀ, T⟩ cancels)."""
-    T = blocks = kappa = None
+    T = kappa = None
     W = obj.params[f"{layer}.weight"].detach()
     for batch in linear_pullback(obj, [layer]):
         pb = batch[layer]
         phi2 = pb.phi.pow(2).sum(dim=1)
         t, k = pb.gram_and_kappa(W, phi2)
         T, kappa = (t, k) if T is None else (T + t, kappa + k)
-        if want_blocks:
-            b = torch.einsum("ns,nk,nl->skl", pb.diag(), pb.phi, pb.phi)
-            blocks = b if blocks is None else blocks + b
     N = obj.num_samples
-    return T / N, kappa / N, (blocks / N if want_blocks else None)
+    return T / N, kappa / N
 
 
-def _exact(op: HessianOperator, d: int, m: int, want_blocks: bool):
-    """T and diagonal blocks from the d·m HVPs with unit vectors :math:`e_{s',k}`:
-    :math:`T_{s s'} = \\sum_k (H e_{s',k})_{s,k}`, :math:`(H_{ss})_{kl} = (H e_{s,l})_{s,k}`."""
+def _block_rows(d: int, m: int, dtype: torch.dtype, memory_budget: int) -> int:
+    """Neurons whose m×m diagonal blocks are formed at once: their blocks and one block's
+    temporaries (an eigendecomposition's workspace) within ``memory_budget``."""
+    return min(d, rows_per_chunk(nbytes((m, m), dtype), memory_budget, copies=2))
+
+
+def _closed_form_lambda_max(obj: Objective, layer: str, memory_budget: int) -> torch.Tensor:
+    """:math:`\\lambda_{\\max}(H_{ss})` for every neuron s, with
+    :math:`H_{ss} = \\frac1N\\sum_n (G_n)_{ss}\\,\\phi_n\\phi_n^\\top` (m×m) from the
+    pull-back: the blocks of :func:`_block_rows` neurons at a time, one pass over the data per
+    group of neurons (never the d×m×m tensor)."""
+    W = obj.params[f"{layer}.weight"]
+    d, m = W.shape
+    size = _block_rows(d, m, obj.dtype, memory_budget)
+    lam = torch.empty(d, dtype=obj.dtype, device=obj.device)
+    for start, stop in chunks(d, size):
+        blocks = torch.zeros(stop - start, m, m, dtype=obj.dtype, device=obj.device)
+        for batch in linear_pullback(obj, [layer]):
+            pb = batch[layer]
+            diag = pb.diag()
+            for j, s in enumerate(range(start, stop)):  # one (N_b, m) temporary at a time
+                blocks[j] += (pb.phi * diag[:, s:s + 1]).T @ pb.phi
+        lam[start:stop] = torch.linalg.eigvalsh(blocks / obj.num_samples)[:, -1]
+    return lam
+
+
+def _exact(op: HessianOperator, d: int, m: int, want_lambda: bool, memory_budget: int):
+    """T and (if wanted) :math:`\\lambda_{\\max}(H_{ss})` from the d·m HVPs with unit vectors
+    :math:`e_{s',k}`: :math:`T_{s s'} = \\sum_k (H e_{s',k})_{s,k}`,
+    :math:`(H_{ss})_{kl} = (H e_{s,l})_{s,k}`. The columns come in chunks within
+    ``memory_budget`` and in order, so a neuron's block is complete after its m columns: its
+    λ_max is taken and the block dropped (a few m×m blocks alive, never d×m×m)."""
     T = torch.zeros(d, d, dtype=op.dtype, device=op.device)
-    blocks = torch.zeros(d, m, m, dtype=op.dtype, device=op.device) if want_blocks else None
-    for idx, rows in op.columns():
+    lam = torch.empty(d, dtype=op.dtype, device=op.device) if want_lambda else None
+    pending: dict[int, torch.Tensor] = {}
+    for idx, rows in op.columns(memory_budget):
         HE = rows.reshape(len(idx), d, m)  # HE[j, s, k] = (H e_{s'_j, k_j})_{s,k}
         s_col, k_col, j = idx // m, idx % m, torch.arange(len(idx), device=op.device)
         T.index_add_(1, s_col, HE[j, :, k_col].T)  # repeated columns accumulate
-        if want_blocks:
-            blocks[s_col, :, k_col] = HE[j, s_col, :]
-    return T, blocks
+        if not want_lambda:
+            continue
+        for s in range(int(s_col[0]), int(s_col[-1]) + 1):
+            sel = s_col == s
+            block = pending.setdefault(s, torch.zeros(m, m, dtype=op.dtype, device=op.device))
+            block[:, k_col[sel]] = HE[j[sel], s, :].T
+            if int(k_col[sel][-1]) == m - 1:  # columns come in order: the block is complete
+                lam[s] = torch.linalg.eigvalsh(pending.pop(s))[-1]
+    return T, lam
 
 
-def _hutchinson(op: HessianOperator, d: int, m: int, probes: int, seed: int, M: torch.Tensor):
+def _hutchinson(op: HessianOperator, d: int, m: int, probes: int, seed: int, M: torch.Tensor,
+                memory_budget: int):
     """T estimated with probes shared across rows: for Rademacher :math:`z \\in \\mathbb R^m`,
     :math:`\\mathbb E[(e_s\\otimes z)^\\top H (e_{s'}\\otimes z)] = \\mathrm{Tr}(H_{s,s'})`;
-    each probe costs d HVPs. Returns T̂ and the standard error of κ̂ over probes."""
+    each probe costs d HVPs, made for a chunk of rows :math:`e_{s'}\\otimes z` at a time
+    (:func:`probe_rows` within ``memory_budget``; never the d×(d·m) block). Returns T̂ and
+    the standard error of κ̂ over probes."""
     gen = generator(seed, op.device)
-    eye = torch.eye(d, dtype=op.dtype, device=op.device)
-    estimates = []
+    size = probe_rows(op, memory_budget)
+    total = torch.zeros(d, d, dtype=op.dtype, device=op.device)
+    kappas = []
     for _ in range(probes):
         z = rademacher((m,), gen, op.device, op.dtype)
-        V = (eye[:, :, None] * z).reshape(d, d * m)  # row s' = e_{s'} ⊗ z
-        R = op.matmat(V).reshape(d, d, m)  # R[s', s, k]
-        estimates.append((R @ z).T)  # [s, s']
-    Ts = torch.stack(estimates)
-    kappas = (Ts * M).sum(dim=(1, 2))
+        est = torch.empty(d, d, dtype=op.dtype, device=op.device)  # [s, s']
+        for start, stop in chunks(d, size):
+            V = torch.zeros(stop - start, d, m, dtype=op.dtype, device=op.device)
+            V[torch.arange(stop - start), torch.arange(start, stop)] = z  # e_{s'} ⊗ z
+            R = op.matmat(V.reshape(stop - start, d * m)).reshape(stop - start, d, m)
+            est[:, start:stop] = (R @ z).T
+        total += est
+        kappas.append((est * M).sum())
+    kappas = torch.stack(kappas)
     stderr = float(kappas.std() / math.sqrt(probes)) if probes > 1 else float("nan")
-    return Ts.mean(dim=0), stderr
+    return total / probes, stderr
 
 
-def _hutchinson_kappa(op: HessianOperator, W: torch.Tensor, probes: int, seed: int):
+def _hutchinson_kappa(op: HessianOperator, W: torch.Tensor, probes: int, seed: int,
+                      memory_budget: int):
     """κ itself by Hutchinson, one HVP per probe: for a random m×m matrix Z with
     :math:`\\mathbb E[Z_{jk}Z_{j'k'}] = \\delta_{jj'}\\delta_{kk'}` and V = WZ,
 
@@ -179,16 +225,18 @@ def _hutchinson_kappa(op: HessianOperator, W: torch.Tensor, probes: int, seed: i
     exactly, as κ is. With R = HV, :math:`\\mathbb E[RZ^\\top] = TW`, so
     :math:`\\hat T = \\overline{RZ^\\top}\\,W^+` estimates :math:`TWW^+` (T when W has full
     row rank) and :math:`\\langle WW^\\top, \\hat T\\rangle = \\hat\\kappa`.
+    The factors A, B of all probes are drawn first (2·probes·m·k entries); the probes V and
+    their products come in chunks of :func:`probe_rows` within ``memory_budget``.
     Returns T̂, the standard error and κ̂."""
     d, m = W.shape
     k = min(m, PROBE_RANK)
     gen = generator(seed, op.device)
+    A_all = rademacher((probes, m, k), gen, op.device, op.dtype)
+    B_all = rademacher((probes, m, k), gen, op.device, op.dtype) / math.sqrt(k)
     kappas, RZ = [], torch.zeros(d, m, dtype=op.dtype, device=op.device)
-    chunk = max(1, min(probes, PROBE_CHUNK_ENTRIES // (d * m)))
-    for start in range(0, probes, chunk):
-        n = min(chunk, probes - start)
-        A = rademacher((n, m, k), gen, op.device, op.dtype)
-        B = rademacher((n, m, k), gen, op.device, op.dtype) / math.sqrt(k)
+    for start, stop in chunks(probes, probe_rows(op, memory_budget)):
+        A, B = A_all[start:stop], B_all[start:stop]
+        n = stop - start
         V = (W @ A) @ B.transpose(1, 2)  # (n, d, m)
         R = op.matmat(V.reshape(n, d * m)).reshape(n, d, m)
         kappas.append((V * R).sum(dim=(1, 2)))
@@ -232,6 +280,8 @@ def relative_flatness(
     dtype: torch.dtype | None = None,
     device=None,
     bn: str = "eval",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = False,
 ) -> RelativeFlatnessResult:
     """Relative flatness κ of the ``nn.Linear`` or ``nn.Conv2d`` layer ``layer`` (Petzka et
     al. 2021).
@@ -289,6 +339,14 @@ def relative_flatness(
         probes: Hutchinson probes (default :data:`DEFAULT_PROBES`).
         seed: Hutchinson's seed (drawn and recorded if None).
         dtype, device, bn: evaluation dtype (float64 for exactness), device, BatchNorm policy.
+        memory_budget: bytes of vectors held at once besides the model and one batch's graph
+            (default :data:`famviz.DEFAULT_MEMORY_BUDGET`): the chunks of unit vectors and
+            probes of ``"exact"`` and the Hutchinson methods, and for
+            ``variant="neuronwise_max"`` the m×m blocks :math:`H_{ss}` formed at once (the
+            closed form makes one pass over the data per group of neurons that fits). Results
+            do not depend on it.
+        progress: show a progress bar of the Hessian-vector products (``tqdm.auto``;
+            ``"exact"`` and the Hutchinson methods).
 
     Example (docs/math.md §1, one sample, φ = [1, 0], W = [[2, 0], [0, 0]]: κ = 4σ(2)(1 − σ(2))):
 
@@ -305,6 +363,8 @@ def relative_flatness(
     check_option("variant", variant, VARIANTS)
     seed = check_seed(seed)
     probes = DEFAULT_PROBES if probes is None else check_count("probes", probes)
+    memory_budget = check_memory_budget(memory_budget)
+    progress = check_progress(progress)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalize {normalize!r}; valid: None, 'm'")
     module = resolve_layer(model, layer, LAYER_TYPES)
@@ -347,22 +407,32 @@ def relative_flatness(
 
     W = obj.params[weight].reshape(d, m)
     M = W @ W.T
-    stderr, num_hvps, used_seed, kappa = 0.0, 0, None, None
+    stderr, num_hvps, used_seed, kappa, lam = 0.0, 0, None, None, None
     if method == "closed_form" and per_sample_vectors(obj, layer):
-        T, kappa, blocks = _closed_form(obj, layer, want_blocks)  # stable near zero loss
+        T, kappa = _closed_form(obj, layer)  # stable near zero loss
+        if want_blocks:
+            lam = _closed_form_lambda_max(obj, layer, memory_budget)
     elif method == "closed_form":  # weights shared across positions (convolutions, sequences)
-        T, blocks = _shared_closed_form(obj, layer, want_blocks)
+        if want_blocks:  # one pass over the data per group of neurons whose blocks fit
+            lams = []
+            for group in chunks(d, _block_rows(d, m, obj.dtype, memory_budget)):
+                t, blocks = _shared_closed_form(obj, layer, True, group)
+                T = t if not lams else T
+                lams.append(torch.linalg.eigvalsh(blocks)[:, -1])
+            lam = torch.cat(lams)
+        else:
+            T, _ = _shared_closed_form(obj, layer, False)
     else:
         op = HessianOperator(obj, [weight])
         used_seed = None if method == "exact" else new_seed() if seed is None else seed
-        if method == "exact":
-            T, blocks = _exact(op, d, m, want_blocks)
-        elif method == "hutchinson":
-            T, stderr = _hutchinson(op, d, m, probes, used_seed, M)
-            blocks = None
-        else:
-            T, stderr, estimate = _hutchinson_kappa(op, W, probes, used_seed)
-            blocks = None
+        total = {"exact": d * m, "hutchinson": probes * d, "hutchinson_kappa": probes}[method]
+        with hvp_progress(op, progress, total, f"relative flatness ({method})"):
+            if method == "exact":
+                T, lam = _exact(op, d, m, want_blocks, memory_budget)
+            elif method == "hutchinson":
+                T, stderr = _hutchinson(op, d, m, probes, used_seed, M, memory_budget)
+            else:
+                T, stderr, estimate = _hutchinson_kappa(op, W, probes, used_seed, memory_budget)
         num_hvps = op.num_hvps
     T = (T + T.T) / 2
 
@@ -371,7 +441,7 @@ def relative_flatness(
     elif variant == "kappa":
         value = float(kappa if kappa is not None else (M * T).sum())
     else:
-        value = float((W.pow(2).sum(dim=1) * torch.linalg.eigvalsh(blocks)[:, -1]).sum())
+        value = float((W.pow(2).sum(dim=1) * lam).sum())
     if normalize == "m":
         value, stderr = value / m, stderr / m
     return RelativeFlatnessResult(
@@ -387,4 +457,5 @@ def relative_flatness(
         num_hvps=num_hvps,
         seed=used_seed,
         objective=obj.info(),
+        memory_budget=memory_budget,
     )
