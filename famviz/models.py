@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .replica import preserve_global_rng
+
 __all__ = ["mlp", "cnn", "resnet", "BasicBlock", "ACTIVATIONS"]
 
 #: activation name -> module factory
@@ -67,7 +69,7 @@ def mlp(
     if len(widths) < 2 or any(int(w) < 1 for w in widths):
         raise ValueError(f"widths needs at least two positive sizes, got {widths}")
     layers: list[nn.Module] = []
-    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG
+    with preserve_global_rng():  # nn.Linear's own init draws from the global RNG
         for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.Linear(fan_in, fan_out, bias=bias))
             if i < len(widths) - 2:
@@ -91,7 +93,7 @@ def cnn(channels: Sequence[int] = (8, 16), hidden: int = 64, num_classes: int = 
         raise ValueError(f"channels needs at least one positive size, got {channels}")
     body: list[tuple[str, nn.Module]] = [("unflatten", nn.Unflatten(1, (1, 8, 8)))]
     c_in, size = 1, 8
-    with torch.random.fork_rng(devices=[]):  # the layers' own init draws from the global RNG
+    with preserve_global_rng():  # the layers' own init draws from the global RNG
         for i, c_out in enumerate(channels):
             body += [(f"conv{i + 1}", nn.Conv2d(c_in, c_out, 3, padding=1)),
                      (f"act{i + 1}", nn.ReLU())]
@@ -177,7 +179,7 @@ def resnet(
     for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    with torch.random.fork_rng(devices=[]):  # the layers' own init draws from the global RNG
+    with preserve_global_rng():  # the layers' own init draws from the global RNG
         body: list[tuple[str, nn.Module]] = [
             ("conv1", nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)),
             ("bn1", nn.BatchNorm2d(widths[0])),
