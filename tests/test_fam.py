@@ -253,7 +253,7 @@ def test_penalty_bad_input(batch):
         fam.penalty(model, (X, y), "2", gradient="approximate")
     with pytest.raises(ValueError, match="normalize"):
         fam.penalty(model, (X, y), "2", normalize="d")
-    with pytest.raises(ValueError, match="only Linear layers"):
+    with pytest.raises(ValueError, match="only Linear/Conv2d layers"):
         fam.penalty(model, (X, y), "1")
     with pytest.raises(ValueError, match="unknown layer"):
         fam.penalty(model, (X, y), "fc9")
@@ -492,7 +492,7 @@ def dataclasses_error():
     (dict(lr=0.0), ValueError, "lr must be > 0"),
     (dict(momentum=1.0), ValueError, "momentum must be < 1"),
     (dict(weight_decay=-1e-4), ValueError, "weight_decay must be >= 0"),
-    (dict(layer="1"), ValueError, "only Linear layers are supported"),
+    (dict(layer="1"), ValueError, "only Linear/Conv2d layers are supported"),
     (dict(layer=2), TypeError, "module name"),
     (dict(gradient="approx"), ValueError, "'exact', 'frozen'"),
     (dict(normalize="d"), ValueError, "normalize"),

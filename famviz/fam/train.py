@@ -34,13 +34,12 @@ from ..replica import check_model, replicate
 from ._args import check_normalize, number
 from .penalty import (
     GRADIENTS,
+    _curvature,
     _eval_modes,
     _has_mode_dependent,
-    _kappa,
     _layer,
     _plan,
     _Target,
-    _traces,
 )
 from .sam import ASAM_ETA, SAM, frozen_running_stats
 
@@ -142,19 +141,15 @@ class Step:
         if self.path is None:
             self.path = _plan(self.model, self.target, self.loss_name, z, out)
         W = self.module.weight
-        scale = 1.0 / W.shape[1] if self.normalize == "m" else 1.0
-        if self.gradient == "exact":
-            value, backwards = _kappa(self.path, W, phi, z, out, y, self.loss_name, self.loss_fn,
-                                      True)
+        scale = 1.0 / W[0].numel() if self.normalize == "m" else 1.0
+        exact = self.gradient == "exact"
+        value, T, backwards = _curvature(self.path, self.module, phi, z, out, y,
+                                         self.loss_name, self.loss_fn, exact, want_T=not exact)
+        if exact:
             return value * scale, None, backwards
-        T, backwards = _traces(self.path, phi.detach().pow(2).sum(dim=1), z, out, y,
-                               self.loss_name, self.loss_fn, False)
         with torch.no_grad():
-            if self.path not in ("softmax", "mse"):  # symmetric by construction there
-                T = (T + T.T) / 2
-            TW = T @ W
-            value = (W * TW).sum()
-            return (value if scale == 1.0 else value * scale), TW.mul_(2 * scale), backwards
+            TW = (T @ W.reshape(len(T), -1)).reshape(W.shape)
+            return value.detach() * scale, TW.mul_(2 * scale), backwards
 
     def __call__(self, X: Tensor, y: Tensor) -> StepInfo:
         model, opt = self.model, self.optimizer
