@@ -68,6 +68,20 @@ def test_penalty_equals_relative_flatness(batch, widths, act, layer, loss, route
             assert value.item() == pytest.approx(ref, rel=EXACT)
 
 
+@pytest.mark.parametrize("widths, act, layer, loss, route", CASES, ids=IDS)
+def test_penalty_equals_relative_flatness_from_hessian_vector_products(batch, widths, act,
+                                                                       layer, loss, route):
+    """Every route against κ from the d·m exact Hessian-vector products in the weight (no
+    closed form shared with the penalty)."""
+    model = tiny_mlp(widths, seed=5, activation=act)
+    X, y = batch[0][:30], targets(loss, batch[1][:30], widths[-1])
+    ref = fv.relative_flatness(model, (X, y), layer, loss=loss, method="exact")
+    assert ref.method == "exact" and ref.num_hvps > 0
+    for gradient in ("exact", "frozen"):
+        value = fam.penalty(model, (X, y), layer, loss, gradient=gradient)
+        assert value.item() == pytest.approx(ref.value, rel=1e-9)
+
+
 class TwoLayer(nn.Module):
     """Not an nn.Sequential: the penalty takes the HVP route below the head."""
 

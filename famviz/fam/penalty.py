@@ -302,6 +302,9 @@ def penalty(
 
     (Petzka et al. 2021; used as a regularizer by Adilova et al. 2023, docs/math.md §1 and §3). The
     value equals ``famviz.relative_flatness(model, batch, layer, loss, normalize=normalize)``.
+    A Conv2d layer is the Linear map of its weight, reshaped to (out_channels,
+    in_channels·kh·kw), on unfolded patches; its T couples the positions that share the weight
+    (docs/conv.md) — the same view as :func:`famviz.relative_flatness`.
 
     The forward pass runs on a famviz replica of the model's modules that holds the model's own
     parameters, so ``(loss + lam * penalty(...)).backward()`` fills the ``.grad`` of the live
@@ -312,11 +315,16 @@ def penalty(
 
     Args:
         model: the network.
-        batch: ``(X, y)`` (or an iterable of batches, concatenated).
-        layer: name of an ``nn.Linear`` module; ``None``: the last one (:func:`last_linear`).
+        batch: ``(X, y)`` (or an iterable of batches, concatenated). One batch is checked
+            for NaN/inf and out-of-range targets on its device (``torch._assert_async``: no
+            host synchronization; on the CPU a ValueError at once); an iterable of batches is
+            checked on the host.
+        layer: name of an ``nn.Linear`` or ``nn.Conv2d`` (``groups=1``) module; ``None``: the
+            last ``nn.Linear`` (:func:`last_linear`).
         loss: ``"cross_entropy"``, ``"mse"`` or a callable ``(output, target) -> scalar`` that
             averages per-sample losses (the ``"hvp"`` route assumes samples do not interact).
-        normalize: ``None`` (κ, the paper's measure) or ``"m"`` (κ / m, m = in_features).
+        normalize: ``None`` (κ, the paper's measure) or ``"m"`` (κ / m, m = in_features, a
+            Conv2d's in_channels·kh·kw).
         gradient: ``"exact"`` — the true gradient of κ w.r.t. every parameter (W, its bias, the
             layers below through φ and above through the curvature); ``"frozen"`` — T held
             constant: the gradient is :math:`2TW` (÷ m) on W only, what the public FAM code
@@ -423,8 +431,9 @@ class PenaltyTap:
     :func:`penalty` would from its own pass (the same routes and gradients), but on the
     activations of the pass you ran — in training mode if your model is, so with dropout
     masks and batch statistics where :func:`penalty` uses eval mode; they agree for models
-    without such layers. The hook lives only inside the ``with`` block. Targets are checked on
-    the first call only, so later steps force no host synchronization.
+    without such layers. The hook lives only inside the ``with`` block. The layer may be a
+    Linear or a Conv2d (as in :func:`penalty`). Targets are checked and the route planned on the
+    first call only: later steps read nothing back to the host (no device synchronization).
 
     >>> import torch
     >>> from famviz.models import mlp

@@ -442,8 +442,8 @@ def train(
         lr, momentum, weight_decay: the SGD base optimizer (lr > 0, 0 ≤ momentum < 1,
             weight_decay ≥ 0).
         batch_size: mini-batch size (≥ 1); the last batch of an epoch may be smaller.
-        layer: the ``nn.Linear`` feature layer (FAM's penalty and the tracked κ); ``None``: the
-            last ``nn.Linear`` module (:func:`last_linear`).
+        layer: the feature layer, an ``nn.Linear`` or ``nn.Conv2d`` (FAM's penalty and the
+            tracked κ); ``None``: the last ``nn.Linear`` module (:func:`last_linear`).
         loss: ``"cross_entropy"``, ``"mse"`` or a callable ``(output, target) -> scalar``.
         normalize: FAM penalty κ (``None``) or κ/m (``"m"``).
         gradient: FAM penalty gradient, ``"exact"`` or ``"frozen"`` (see :func:`penalty`).
@@ -464,7 +464,7 @@ def train(
 
     Raises:
         ValueError: an unknown method/option, λ < 0, ρ < 0, epochs < 1, a layer that is not an
-            ``nn.Linear``, targets that do not fit the outputs, ...
+            ``nn.Linear``/``nn.Conv2d``, targets that do not fit the outputs, ...
         FloatingPointError: the loss became NaN or infinite (lower ``lr`` or ``lam``).
 
     Example (two moons; FAM from the same initialization as SGD):
