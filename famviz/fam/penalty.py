@@ -182,7 +182,8 @@ def penalty_path(model: nn.Module, batch, layer: str | None = None, loss="cross_
 
 def _matrix(module: nn.Module) -> Tensor:
     """The layer's weight as the d×m matrix W of κ (a view: gradients reach the weight)."""
-    return module.weight.reshape(weight_shape(module))
+    W = module.weight
+    return W if W.ndim == 2 else W.flatten(1)
 
 
 def _positions(module: nn.Module, phi: Tensor) -> bool:
@@ -236,15 +237,14 @@ def _hvp_traces(module: nn.Module, phi: Tensor, z: Tensor, out: Tensor, y: Tenso
 
 
 def _curvature(path: str, module: nn.Module, phi: Tensor, z: Tensor, out: Tensor, y: Tensor,
-               loss_name: str, loss_fn, exact: bool,
-               want_T: bool = False) -> tuple[Tensor, Tensor | None, int]:
-    """``(κ, T, backward passes)`` on one batch from the captured tensors.
+               loss_name: str, loss_fn, exact: bool, want: str = "kappa") -> tuple[Tensor, int]:
+    r"""κ (``want="kappa"``) or T (``want="T"``, d×d, symmetric, detached) on one batch from
+    the captured tensors, and the number of extra backward passes it took.
 
     κ is differentiable in the layer's weight always, and with ``exact`` also in everything
     T depends on (φ, the layers above through the curvature); without it T's inputs are
-    detached, so κ's gradient is :math:`2TW` on W only. T (d×d, symmetric) is returned when
-    ``want_T`` or computed anyway; ``backwards`` counts the extra backward passes."""
-    W = _matrix(module)
+    detached, so κ's gradient is :math:`2TW` on W only. T is what the frozen training step
+    needs (it adds :math:`2\lambda TW` to W's gradient itself)."""
     N = len(phi)
     ph = phi if exact else phi.detach()
     if path == "hvp":
@@ -256,11 +256,13 @@ def _curvature(path: str, module: nn.Module, phi: Tensor, z: Tensor, out: Tensor
             pb, backwards = Pullback(ph, delta, None, loss_name), 1
         else:  # "softmax" / "mse": the layer's output is the model's output
             pb, backwards = Pullback(ph, None, out if exact else out.detach(), loss_name), 0
-        w = ph.pow(2).sum(dim=1) / N
-        return pb.kappa(W, w), pb.gram(w) if want_T else None, backwards
+        w = ph.square().sum(dim=1) / N
+        if want == "T":
+            return pb.gram(w).detach(), backwards
+        return pb.kappa(_matrix(module), w), backwards
     elif path == "mse":  # the output at several positions, MSE over all D entries: G = (2/D) I
-        s = (2.0 / (out[0].numel() * N)) * patches(module, ph).pow(2).sum()
-        T, backwards = torch.eye(W.shape[0], dtype=W.dtype, device=W.device) * s, 0
+        s = (2.0 / (out[0].numel() * N)) * patches(module, ph).square().sum()
+        T, backwards = torch.eye(len(module.weight), dtype=s.dtype, device=s.device) * s, 0
     elif path == "gauss_newton":
         (g,) = pull_back(out, [z], loss_name, create_graph=exact, retain_graph=True)
         T, _ = position_traces(module, g, ph)
@@ -269,7 +271,10 @@ def _curvature(path: str, module: nn.Module, phi: Tensor, z: Tensor, out: Tensor
         raise AssertionError(path)
     if not exact:
         T = T.detach()
-    return ((W @ W.T) * T).sum(), T, backwards
+    if want == "T":
+        return T, backwards
+    W = _matrix(module)
+    return ((W @ W.T) * T).sum(), backwards
 
 
 def _plan(model: nn.Module, target: _Target, loss_name: str, z: Tensor, out: Tensor) -> str:
@@ -364,8 +369,8 @@ def penalty(
         if loss_name in LOSSES:
             _check_targets_on_device(loss_name, tuple(out.shape), y)
         path = _plan(model, target, loss_name, z, out)
-        value, _, _ = _curvature(path, target.module, phi, z, out, y, loss_name, loss_fn,
-                                 gradient == "exact")
+        value, _ = _curvature(path, target.module, phi, z, out, y, loss_name, loss_fn,
+                              gradient == "exact")
     return value / weight_shape(target.module)[1] if normalize == "m" else value
 
 
@@ -490,8 +495,8 @@ class PenaltyTap:
             if self.loss_name in LOSSES:
                 check_targets(self.loss_name, tuple(out.shape), y)
             self.path = _plan(self.model, self.target, self.loss_name, z, out)
-        value, _, _ = _curvature(self.path, self.module, phi, z, out, y, self.loss_name,
-                                 self.loss_fn, self.exact)
+        value, _ = _curvature(self.path, self.module, phi, z, out, y, self.loss_name,
+                              self.loss_fn, self.exact)
         return value / weight_shape(self.module)[1] if self.normalize == "m" else value
 
 

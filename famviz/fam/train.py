@@ -142,14 +142,16 @@ class Step:
             self.path = _plan(self.model, self.target, self.loss_name, z, out)
         W = self.module.weight
         scale = 1.0 / W[0].numel() if self.normalize == "m" else 1.0
-        exact = self.gradient == "exact"
-        value, T, backwards = _curvature(self.path, self.module, phi, z, out, y,
-                                         self.loss_name, self.loss_fn, exact, want_T=not exact)
-        if exact:
+        if self.gradient == "exact":
+            value, backwards = _curvature(self.path, self.module, phi, z, out, y,
+                                          self.loss_name, self.loss_fn, True)
             return value * scale, None, backwards
+        T, backwards = _curvature(self.path, self.module, phi, z, out, y, self.loss_name,
+                                  self.loss_fn, False, want="T")
         with torch.no_grad():
             TW = (T @ W.reshape(len(T), -1)).reshape(W.shape)
-            return value.detach() * scale, TW.mul_(2 * scale), backwards
+            value = (W * TW).sum()
+            return (value if scale == 1.0 else value * scale), TW.mul_(2 * scale), backwards
 
     def __call__(self, X: Tensor, y: Tensor) -> StepInfo:
         model, opt = self.model, self.optimizer
