@@ -199,6 +199,34 @@ def test_train_takes_a_conv_layer():
                                        rel=1e-10)
 
 
+def test_resnet_conv_layers_take_the_gauss_newton_route():
+    """A ReLU ResNet (residual additions, BatchNorm on running statistics) is not a plain
+    stack: its torch.fx graph proves the Gauss-Newton route, as for relative_flatness."""
+    model = fv.models.resnet((1, 1), (3, 4), num_classes=3, seed=0).double()
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn(buf.shape, generator=gen, dtype=buf.dtype) * 0.1)
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=gen, dtype=buf.dtype) + 0.5)
+    X = torch.randn(6, 3, 6, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for layer in ("layer2.0.conv1", "layer1.0.conv2"):
+        assert fam.penalty_path(model, (X, y), layer) == "gauss_newton"
+        model.eval()
+        dense = float(kappa_oracle(model, X, y, layer, F.cross_entropy)(params))
+        model.train()
+        assert fam.penalty(model, (X, y), layer).item() == pytest.approx(dense, rel=EXACT)
+    model.eval()  # the tap evaluates the caller's pass: in eval mode it is the same number
+    tap = fam.PenaltyTap(model, "layer2.0.conv1")
+    with tap:
+        out = model(X)
+    assert tap.penalty(out, y).item() == pytest.approx(
+        fam.penalty(model, (X, y), "layer2.0.conv1").item(), rel=1e-12)
+
+
 def test_conv_refusals():
     model = conv_net(6)
     X, y = images()

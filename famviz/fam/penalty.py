@@ -29,7 +29,8 @@ from ..objective import (
     resolve_loss,
 )
 from ..patches import LAYER_TYPES, check_layer, patches, position_traces, weight_shape
-from ..replica import check_model, replicate
+from ..piecewise import piecewise_linear_graph
+from ..replica import check_model, replicate, shared_names
 from ._args import check_normalize
 
 #: how the FAM penalty is differentiated
@@ -279,13 +280,20 @@ def _curvature(path: str, module: nn.Module, phi: Tensor, z: Tensor, out: Tensor
 
 def _plan(model: nn.Module, target: _Target, loss_name: str, z: Tensor, out: Tensor) -> str:
     """The route for this model/layer/loss, given one captured forward pass. The Gauss-Newton
-    route needs a plain stack (:func:`famviz.curvature.piecewise_linear_after`) whose modules
-    after the layer are piecewise linear."""
+    route needs only piecewise-linear operations after the layer: read off a plain stack
+    (:func:`famviz.curvature.piecewise_linear_after`) or, for any other model, off its torch.fx
+    graph (:func:`famviz.piecewise.piecewise_linear_graph`, traced on the replica: residual
+    blocks, BatchNorm on running statistics — every layer of a ReLU ResNet), as
+    :func:`famviz.relative_flatness` decides its closed form."""
     if loss_name not in LOSSES:
         return "hvp"
     if z is out:
         return "softmax" if loss_name == "cross_entropy" else "mse"
-    if target.leaves is not None and piecewise_linear_after(model, target.name, "eval"):
+    if target.leaves is not None:
+        if piecewise_linear_after(model, target.name, "eval"):
+            return "gauss_newton"
+    elif not shared_names(target.model) and piecewise_linear_graph(target.model, target.name,
+                                                                   "eval"):
         return "gauss_newton"
     return "hvp"
 
