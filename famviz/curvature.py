@@ -587,12 +587,11 @@ def loss_hessian_factor(loss_name: str, output: Tensor) -> Tensor:
         # sqrt(p) as exp(log p / 2): its derivative stays finite where p underflows to 0 (the
         # FAM penalty differentiates this factor)
         root = torch.exp(0.5 * torch.log_softmax(output, dim=1))
-        eye = torch.eye(d, dtype=output.dtype, device=output.device)
-        # S[c, n, :] = sqrt(p[n, c]) * (e_c - p[n])
-        S = root.T[:, :, None] * (eye[:, None, :] - p[None, :, :])
-        c = torch.arange(d, device=output.device)
-        S[c, :, c] = (root * softmax_complement(p)).T
-        return S
+        eye = torch.eye(d, dtype=torch.bool, device=output.device)
+        # S[c, n, :] = sqrt(p[n, c]) * (e_c - p[n]), its entry c taken from
+        # softmax_complement; a mask, not an indexed assignment (whose backward is slower)
+        return root.T[:, :, None] * torch.where(eye[:, None, :], softmax_complement(p)[None],
+                                                -p[None])
     if loss_name == "mse":
         eye = torch.eye(d, dtype=output.dtype, device=output.device) * math.sqrt(2.0 / d)
         return eye[:, None, :].expand(d, N, d)
