@@ -38,7 +38,7 @@ GRADIENTS = ("exact", "frozen")
 #: how :func:`penalty` computes κ (see the module docstring)
 PENALTY_PATHS = ("softmax", "mse", "gauss_newton", "hvp")
 #: the "hvp" route takes (d·P)² · N entries of Hessian-vector products for a layer with d
-#: outputs at P positions on N samples; beyond this many (1 GiB in float64) it refuses
+#: outputs at P > 1 positions on N samples; beyond this many (1 GiB in float64) it refuses
 MAX_HVP_ENTRIES = 2**27
 _MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
 
@@ -205,13 +205,14 @@ def _hvp_traces(module: nn.Module, phi: Tensor, z: Tensor, out: Tensor, y: Tenso
     N = len(z)
     count = z[0].numel()  # d * P
     d = weight_shape(module)[0]
-    if count * count * N > MAX_HVP_ENTRIES:
+    if count > d and count * count * N > MAX_HVP_ENTRIES:
         raise ValueError(
-            f"the FAM penalty of layer {module.__class__.__name__} here needs {count} "
-            f"Hessian-vector products per sample (d·positions = {count}) on {N} samples: too "
-            "large. Its exact route needs cross-entropy or MSE and only piecewise-linear "
-            "modules after the layer in an nn.Sequential; choose such a layer, or a smaller "
-            "batch"
+            f"the FAM penalty of this {type(module).__name__} layer needs {count} "
+            f"Hessian-vector products per sample (outputs × positions) on {N} samples here: "
+            "too large. The Gauss-Newton route needs none: cross-entropy or MSE with only "
+            "piecewise-linear operations after the layer (ReLU, pooling, BatchNorm, Linear, "
+            "Conv2d, residual additions; see fam.penalty_path). Choose such a layer or loss, "
+            "or a smaller batch"
         )
     E = loss_fn(out, y)
     if not isinstance(E, Tensor) or E.ndim != 0:
@@ -325,6 +326,9 @@ def penalty(
     BatchNorm on running statistics (as :func:`famviz.relative_flatness` evaluates) while the
     model's own modes, hooks and buffers are never touched. See the module docstring for the three
     routes (``"softmax"``/``"mse"`` closed forms, ``"gauss_newton"``, ``"hvp"``) and their cost.
+    The route is planned on every call (for a hidden layer of a model that is not a plain
+    ``nn.Sequential``, from a torch.fx trace: a few milliseconds); :class:`PenaltyTap` plans
+    once and reuses your forward pass.
 
     Args:
         model: the network.
