@@ -700,7 +700,7 @@ def row_distances(W: Tensor) -> Tensor:
     r""":math:`E_{ss'} = \|w_s - w_{s'}\|^2` for the rows of W (d×m), from the differences
     themselves (not from :math:`\|w_s\|^2 + \|w_{s'}\|^2 - 2\langle w_s, w_{s'}\rangle`,
     which cancels for nearby rows)."""
-    return torch.cdist(W[None], W[None], compute_mode="donot_use_mm_for_euclid_dist")[0].pow(2)
+    return torch.cdist(W, W, compute_mode="donot_use_mm_for_euclid_dist").square()
 
 
 def loss_hessian_factor(loss_name: str, output: Tensor) -> Tensor:
@@ -716,12 +716,14 @@ def loss_hessian_factor(loss_name: str, output: Tensor) -> Tensor:
     N, d = output.shape
     if loss_name == "cross_entropy":
         p = torch.softmax(output, dim=1)
-        eye = torch.eye(d, dtype=output.dtype, device=output.device)
-        # S[c, n, :] = sqrt(p[n, c]) * (e_c - p[n])
-        S = p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None, :, :])
-        c = torch.arange(d, device=output.device)
-        S[c, :, c] = (p.sqrt() * softmax_complement(p)).T
-        return S
+        # sqrt(p) as exp(log p / 2): its derivative stays finite where p underflows to 0 (the
+        # FAM penalty differentiates this factor)
+        root = torch.exp(0.5 * torch.log_softmax(output, dim=1))
+        eye = torch.eye(d, dtype=torch.bool, device=output.device)
+        # S[c, n, :] = sqrt(p[n, c]) * (e_c - p[n]), its entry c taken from
+        # softmax_complement; a mask, not an indexed assignment (whose backward is slower)
+        return root.T[:, :, None] * torch.where(eye[:, None, :], softmax_complement(p)[None],
+                                                -p[None])
     if loss_name == "mse":
         eye = torch.eye(d, dtype=output.dtype, device=output.device) * math.sqrt(2.0 / d)
         return eye[:, None, :].expand(d, N, d)
@@ -729,8 +731,10 @@ def loss_hessian_factor(loss_name: str, output: Tensor) -> Tensor:
 
 
 def _sequential_leaves(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
-    """Leaf modules in execution order when ``model`` is built only from nn.Sequential, and
-    uses no module or parameter twice (a shared one breaks the per-layer closed forms)."""
+    """Leaf modules in execution order when ``model`` is built only from nn.Sequential
+    containers without hooks, and uses no module or parameter twice (a shared one breaks the
+    per-layer closed forms). Running the leaves one after the other is then the model's
+    forward pass."""
     if shared_names(model):
         return None
     leaves: list[tuple[str, nn.Module]] = []
@@ -742,6 +746,8 @@ def _sequential_leaves(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
             return True
         if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
             return False  # a subclass with its own forward may do anything between its layers
+        if module._forward_hooks or module._forward_pre_hooks:
+            return False  # a container's hook may change what its children compute
         return all(walk(f"{prefix}.{n}" if prefix else n, c) for n, c in children)
 
     return leaves if walk("", model) else None
@@ -799,28 +805,40 @@ class Pullback:
         return torch.softmax(self.output, dim=1)
 
     def gram(self, w: Tensor) -> Tensor:
-        r""":math:`\sum_n w_n G_n` (d×d) for weights ``w`` >= 0 (N_b,)."""
-        return self.gram_and_kappa(None, w)[0]
+        r""":math:`\sum_n w_n G_n` (d×d) for weights ``w`` >= 0 (N_b,): the Laplacian of
+        :func:`softmax_coupling` for cross-entropy on the output, :math:`(2/d)\sum_n w_n I`
+        for MSE on it, :math:`\sum_{c,n} w_n\delta_{cn}\delta_{cn}^\top` through ``delta``."""
+        if self.delta is None:
+            if self.loss_name == "cross_entropy":  # G_n = diag(p_n) - p_n p_n^T
+                return laplacian(softmax_coupling(self.probs, w))
+            d = self.output.shape[1]  # mse: G_n = (2/d) I
+            return torch.eye(d, dtype=w.dtype, device=w.device) * ((2.0 / d) * w.sum())
+        d = self.delta.shape[-1]
+        return (self.delta * w[None, :, None]).reshape(-1, d).T @ self.delta.reshape(-1, d)
 
-    def gram_and_kappa(self, W: Tensor | None, w: Tensor) -> tuple[Tensor, Tensor | None]:
-        r""":math:`\sum_n w_n G_n` (d×d) for weights ``w`` >= 0 (N_b,), and (when the layer's
-        weight W is given) :math:`\langle WW^\top, \sum_n w_n G_n\rangle`, as a sum of
-        non-negative terms: :math:`\tfrac12\sum_{s,s'} A_{ss'}\|w_s - w_{s'}\|^2` for
+    def kappa(self, W: Tensor, w: Tensor) -> Tensor:
+        r""":math:`\langle WW^\top, \sum_n w_n G_n\rangle` for the layer's weight W, as a sum
+        of non-negative terms: :math:`\tfrac12\sum_{s,s'} A_{ss'}\|w_s - w_{s'}\|^2` for
         cross-entropy on the output, whose Gram matrix is the Laplacian of A
         (:func:`softmax_coupling`); :math:`\sum_{c,n} w_n \|W^\top\delta_{cn}\|^2` through
         ``delta``. In exact arithmetic that is ``(W @ W.T * gram).sum()``, but it is never
-        negative and stays accurate near zero cross-entropy, where the contraction cancels."""
+        negative and stays accurate near zero cross-entropy, where the contraction cancels.
+
+        Differentiable in W, w and the pull-back's tensors (the FAM penalty): ``w`` enters
+        linearly, never through :math:`\sqrt{w}`, which has no finite derivative at a sample
+        with :math:`\phi_n = 0`."""
         if self.delta is None:
-            if self.loss_name == "cross_entropy":  # G_n = diag(p_n) - p_n p_n^T
-                A = softmax_coupling(self.probs, w)
-                kappa = None if W is None else (A * row_distances(W)).sum() / 2
-                return laplacian(A), kappa
-            d = self.output.shape[1]  # mse: G_n = (2/d) I
-            s = (2.0 / d) * w.sum()
-            kappa = None if W is None else s * W.pow(2).sum()
-            return torch.eye(d, dtype=w.dtype, device=w.device) * s, kappa
-        D = (self.delta * w.sqrt()[None, :, None]).reshape(-1, self.delta.shape[-1])
-        return D.T @ D, None if W is None else (D @ W).pow(2).sum()
+            if self.loss_name == "cross_entropy":
+                # sum_n w_n p_n p_n^T; its diagonal meets E_ss = 0 exactly, so it need not be
+                # zeroed as in softmax_coupling (a training step runs this: fewer kernels)
+                p = self.probs
+                return ((p.T * w) @ p * row_distances(W)).sum() / 2
+            return (2.0 / self.output.shape[1]) * w.sum() * W.square().sum()
+        return ((self.delta @ W).square().sum(dim=2) * w).sum()
+
+    def gram_and_kappa(self, W: Tensor | None, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:meth:`gram` and (when the layer's weight W is given) :meth:`kappa`."""
+        return self.gram(w), None if W is None else self.kappa(W, w)
 
     def diag(self) -> Tensor:
         r""":math:`\mathrm{diag}(G_n)` for every sample, (N_b, d)."""
@@ -829,6 +847,42 @@ class Pullback:
                 return self.probs * softmax_complement(self.probs)
             return torch.full_like(self.output, 2.0 / self.output.shape[1])
         return self.delta.pow(2).sum(dim=0)
+
+
+def pull_back(out: Tensor, zs: Sequence[Tensor], loss_name: str, *,
+              create_graph: bool = False, retain_graph: bool = False) -> list[Tensor]:
+    r"""The loss-Hessian factor backpropagated from the model's output ``out`` (N, C) to each
+    layer output ``z`` in ``zs``: :math:`\delta_{cn} = J_n^\top S_{cn}` with ``S`` from
+    :func:`loss_hessian_factor` (of the output flattened per sample: MSE averages over all
+    its entries), shaped (C, *z.shape), from one batched backward pass (zeros
+    for a z that does not reach the output). Then :math:`\sum_c \delta_{cn}\delta_{cn}^\top
+    = J_n^\top (\partial^2 \ell_n / \partial o_n^2) J_n`, the Gauss-Newton curvature in z.
+
+    With ``create_graph`` (the FAM penalty's exact gradient) the factor and the backward pass
+    stay in the autograd graph, so the result is differentiable in everything ``out`` depends
+    on; otherwise it is computed from a detached ``out`` and carries no graph.
+    ``retain_graph`` keeps the forward graph for a later backward pass (a training step's)."""
+    if not zs:
+        return []
+    flat = (out if create_graph else out.detach()).reshape(len(out), -1)
+    S = loss_hessian_factor(loss_name, flat)  # (C, N, D)
+    if create_graph:
+        # the Jacobian from constant unit vectors, then the factor applied to it: the
+        # derivative in S is then a product with J, not a double backward through the layers
+        # above (about 10 % of a FAM step on a hidden layer of the digits MLP)
+        D = flat.shape[1]
+        eye = torch.eye(D, dtype=out.dtype, device=out.device).reshape(D, 1, *out.shape[1:])
+        grads = torch.autograd.grad(out, list(zs), grad_outputs=eye.expand(D, *out.shape),
+                                    is_grads_batched=True, create_graph=True,
+                                    retain_graph=True, allow_unused=True)
+        grads = [None if J is None else torch.einsum("cnk,kn...->cn...", S, J) for J in grads]
+    else:
+        grads = torch.autograd.grad(out, list(zs), grad_outputs=S.reshape(len(S), *out.shape),
+                                    is_grads_batched=True, retain_graph=retain_graph,
+                                    allow_unused=True)
+    return [g if g is not None else torch.zeros(S.shape[0], *z.shape, dtype=S.dtype,
+                                                 device=S.device)
+            for z, g in zip(zs, grads)]
 
 
 def linear_pullback(objective: Objective, layers: Sequence[str]):
@@ -850,19 +904,8 @@ def linear_pullback(objective: Objective, layers: Sequence[str]):
         with torch.no_grad():  # the closed forms do not need the loss, but it must be finite
             check_finite_loss(objective.loss_fn(out, y), "the loss on a batch of data")
         hidden = [name for name in layers if cap[name]["z"] is not out]
-        deltas = {}
-        if hidden:
-            S = loss_hessian_factor(objective.loss_name, out.detach())
-            grads = torch.autograd.grad(
-                out,
-                [cap[name]["z"] for name in hidden],
-                grad_outputs=S,
-                is_grads_batched=True,
-                allow_unused=True,
-            )
-            for name, g in zip(hidden, grads):  # None: the layer does not reach the output
-                deltas[name] = g if g is not None else torch.zeros(
-                    S.shape[0], *cap[name]["z"].shape, dtype=S.dtype, device=S.device)
+        deltas = dict(zip(hidden, pull_back(out, [cap[name]["z"] for name in hidden],
+                                            objective.loss_name)))
         result = {}
         for name in layers:
             phi = cap[name]["phi"].detach()

@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .curvature import loss_hessian_factor
+from .curvature import pull_back
 from .objective import Objective, check_finite_loss
 
 __all__ = ["LAYER_TYPES", "check_layer", "weight_shape", "patches", "per_sample_vectors",
-           "closed_form"]
+           "position_traces", "closed_form"]
 
 #: layers relative flatness is defined for: a Linear (on (N, F) or (N, ..., F) inputs) and a
 #: Conv2d with groups=1
@@ -83,6 +83,46 @@ def _outputs_by_position(module: nn.Module, g: Tensor) -> Tensor:
     if isinstance(module, nn.Conv2d):
         return g.reshape(C, N, g.shape[2], -1).transpose(2, 3)
     return g.reshape(C, N, -1, g.shape[-1])
+
+
+def position_traces(module: nn.Module, g: Tensor, phi: Tensor, want_blocks: bool = False,
+                    neurons: tuple[int, int] | None = None) -> tuple[Tensor, Tensor | None]:
+    r""":math:`\sum_{c,n} A_{cn}A_{cn}^\top` (d×d) and, if wanted, the blocks
+    :math:`\sum_{c,n} A_{cn}[s]^\top A_{cn}[s]` of the neurons ``s in range(*neurons)`` (all d
+    when None), shaped (neurons, m, m), with :math:`A_{cn} = \sum_p
+    \delta_{cn,\cdot p}\,\phi_{n,p}^\top` — sums over the batch, not yet divided by N.
+
+    ``g`` holds the backpropagated factor columns (C, N, *z.shape[1:]) (from
+    :func:`famviz.curvature.pull_back`), ``phi`` the layer's inputs. Plain tensor algebra: the
+    result is differentiable in ``g`` and ``phi`` where they carry a graph (the FAM penalty).
+    Memory: at most :data:`MAX_FACTOR_ENTRIES` factor entries at once."""
+    d, m = weight_shape(module)
+    delta = _outputs_by_position(module, g)  # (C, N, P, d)
+    phi = patches(module, phi)  # (N, P, m)
+    C, N, P = delta.shape[0], delta.shape[1], delta.shape[2]
+    T = torch.zeros(d, d, dtype=delta.dtype, device=delta.device)
+    first, last = (0, d) if neurons is None else neurons
+    blocks = (torch.zeros(last - first, m, m, dtype=delta.dtype, device=delta.device)
+              if want_blocks else None)
+    # A_cn A_cn^T = delta_cn K_n delta_cn^T with K_n = Phi_n Phi_n^T (P x P): cheaper when
+    # there are fewer positions than patch entries (deep layers); the blocks need A itself
+    gram = not want_blocks and d * P * P + d * d * P < d * P * m + d * d * m
+    width = P if gram else m
+    step = max(1, MAX_FACTOR_ENTRIES // max(1, C * d * max(width, P)))
+    for i in range(0, N, step):
+        dl, ph = delta[:, i:i + step], phi[i:i + step]
+        if gram:
+            K = ph @ ph.transpose(1, 2)  # (n, P, P)
+            DK = torch.einsum("cnpd,npq->dcnq", dl, K).reshape(d, -1)
+            T = T + DK @ dl.permute(3, 0, 1, 2).reshape(d, -1).T
+            continue
+        A = torch.einsum("cnpd,npm->dcnm", dl, ph)
+        A2 = A.reshape(d, -1)
+        T = T + A2 @ A2.T
+        if want_blocks:
+            A3 = A.reshape(d, -1, m)[first:last]
+            blocks += A3.transpose(1, 2) @ A3
+    return T, blocks
 
 
 def per_sample_vectors(obj: Objective, layer: str) -> bool:
@@ -133,34 +173,10 @@ def closed_form(obj: Objective, layer: str, want_blocks: bool,
             if want_blocks:
                 blocks += (scale * phi.T @ phi)[None]
             continue
-        S = loss_hessian_factor(obj.loss_name, flat)  # (C, N, outputs)
-        if z is out:
-            g = S.reshape(S.shape[0], *out.shape)
-        else:
-            (g,) = torch.autograd.grad(out, [z], grad_outputs=S.reshape(S.shape[0], *out.shape),
-                                       is_grads_batched=True, allow_unused=True)
-            if g is None:  # the layer does not reach the output
-                continue
-        delta = _outputs_by_position(module, g.detach())  # (C, N, P, d)
-        phi = patches(module, cap[layer]["phi"].detach())  # (N, P, m)
-        C, P = delta.shape[0], delta.shape[2]
-        # A_cn A_cn^T = delta_cn K_n delta_cn^T with K_n = Phi_n Phi_n^T (P x P): cheaper when
-        # there are fewer positions than patch entries (deep layers); the blocks need A itself
-        gram = not want_blocks and d * P * P + d * d * P < d * P * m + d * d * m
-        width = P if gram else m
-        step = max(1, MAX_FACTOR_ENTRIES // max(1, C * d * max(width, P)))
-        for i in range(0, len(X), step):
-            dl, ph = delta[:, i:i + step], phi[i:i + step]
-            if gram:
-                K = ph @ ph.transpose(1, 2)  # (n, P, P)
-                DK = torch.einsum("cnpd,npq->dcnq", dl, K).reshape(d, -1)
-                T += DK @ dl.permute(3, 0, 1, 2).reshape(d, -1).T
-                continue
-            A = torch.einsum("cnpd,npm->dcnm", dl, ph)
-            A2 = A.reshape(d, -1)
-            T += A2 @ A2.T
-            if want_blocks:
-                A3 = A.reshape(d, -1, m)[first:last]
-                blocks += A3.transpose(1, 2) @ A3
+        (g,) = pull_back(out, [z], obj.loss_name)  # (C, N, *z.shape[1:])
+        t, b = position_traces(module, g, cap[layer]["phi"].detach(), want_blocks, neurons)
+        T += t
+        if want_blocks:
+            blocks += b
     N = obj.num_samples
     return T / N, (blocks / N if want_blocks else None)

@@ -179,7 +179,7 @@ def test_bad_model(name, case):
     call, _ = FUNCTIONS[name]
     factory, exc, fragment = BAD_MODELS[case]
     if case == "no parameters" and name in NAME_A_LAYER:
-        kinds = "Linear/Conv2d" if name == "relative_flatness" else "Linear"
+        kinds = "Linear/Conv2d" if name in ("relative_flatness", "fam.penalty") else "Linear"
         fragment = f"unknown layer '2'; {kinds} layers of this model: []"
     if case == "NaN weight" and name == "fam.penalty":
         pytest.skip("the penalty is a training-step tensor: like the loss, it follows the "

@@ -68,6 +68,20 @@ def test_penalty_equals_relative_flatness(batch, widths, act, layer, loss, route
             assert value.item() == pytest.approx(ref, rel=EXACT)
 
 
+@pytest.mark.parametrize("widths, act, layer, loss, route", CASES, ids=IDS)
+def test_penalty_equals_relative_flatness_from_hessian_vector_products(batch, widths, act,
+                                                                       layer, loss, route):
+    """Every route against κ from the d·m exact Hessian-vector products in the weight (no
+    closed form shared with the penalty)."""
+    model = tiny_mlp(widths, seed=5, activation=act)
+    X, y = batch[0][:30], targets(loss, batch[1][:30], widths[-1])
+    ref = fv.relative_flatness(model, (X, y), layer, loss=loss, method="exact")
+    assert ref.method == "exact" and ref.num_hvps > 0
+    for gradient in ("exact", "frozen"):
+        value = fam.penalty(model, (X, y), layer, loss, gradient=gradient)
+        assert value.item() == pytest.approx(ref.value, rel=1e-9)
+
+
 class TwoLayer(nn.Module):
     """Not an nn.Sequential: the penalty takes the HVP route below the head."""
 
@@ -253,7 +267,7 @@ def test_penalty_bad_input(batch):
         fam.penalty(model, (X, y), "2", gradient="approximate")
     with pytest.raises(ValueError, match="normalize"):
         fam.penalty(model, (X, y), "2", normalize="d")
-    with pytest.raises(ValueError, match="only Linear layers"):
+    with pytest.raises(ValueError, match="only Linear/Conv2d layers"):
         fam.penalty(model, (X, y), "1")
     with pytest.raises(ValueError, match="unknown layer"):
         fam.penalty(model, (X, y), "fc9")
@@ -492,7 +506,7 @@ def dataclasses_error():
     (dict(lr=0.0), ValueError, "lr must be > 0"),
     (dict(momentum=1.0), ValueError, "momentum must be < 1"),
     (dict(weight_decay=-1e-4), ValueError, "weight_decay must be >= 0"),
-    (dict(layer="1"), ValueError, "only Linear layers are supported"),
+    (dict(layer="1"), ValueError, "only Linear/Conv2d layers are supported"),
     (dict(layer=2), TypeError, "module name"),
     (dict(gradient="approx"), ValueError, "'exact', 'frozen'"),
     (dict(normalize="d"), ValueError, "normalize"),

@@ -2,8 +2,9 @@
 
 **FAM** (relative flatness aware minimization; Adilova, Abourayya, Li, Dada, Petzka, Egger,
 Kleesiek, Kamp — "FAM: Relative Flatness Aware Minimization", TAG-ML workshop at ICML 2023)
-adds λ times the relative flatness of one ``nn.Linear`` feature layer, measured on the current
-mini-batch, to the loss (docs/math.md §3):
+adds λ times the relative flatness of one feature layer (an ``nn.Linear``, or an ``nn.Conv2d``
+seen as a Linear map on patches: docs/conv.md), measured on the current mini-batch, to the loss
+(docs/math.md §3):
 
 .. math::
 
@@ -13,8 +14,11 @@ mini-batch, to the loss (docs/math.md §3):
 
 Because the layer's output :math:`z_n = W\\phi_n + b` is linear in W, the block traces are
 :math:`T = \\sum_n \\|\\phi_n\\|^2\\, \\partial^2 E / \\partial z_n^2`: only the loss' Hessian in
-the layer's *outputs* is needed, never a Hessian over the weights. :func:`penalty` evaluates κ
-on a batch as a differentiable tensor of the model's own parameters, by one of three routes:
+the layer's *outputs* is needed, never a Hessian over the weights (for a layer applied at several
+positions p, :math:`\\langle\\phi_{n,p},\\phi_{n,q}\\rangle` weighs the curvature between
+positions: docs/conv.md). :func:`penalty` evaluates κ on a batch as a differentiable tensor of
+the model's own parameters — through the Gauss-Newton pull-back of :mod:`famviz.curvature` that
+:func:`famviz.relative_flatness` uses — by one of three routes:
 
 * ``"softmax"`` / ``"mse"`` — the layer is the model's output layer and the loss is
   cross-entropy / MSE: :math:`\\kappa = \\frac1N\\sum_n \\|\\phi_n\\|^2 \\mathrm{Var}_{i\\sim
@@ -22,12 +26,12 @@ on a batch as a differentiable tensor of the model's own parameters, by one of t
   (MSE). Costs a few small matrix products on top of the forward pass.
 * ``"gauss_newton"`` — cross-entropy / MSE and only piecewise-linear modules after the layer in
   an ``nn.Sequential`` (ReLU, pooling, Linear, ...): there :math:`\\partial^2 E/\\partial z_n^2 =
-  \\frac1N A_n H^\\ell_n A_n^\\top` exactly almost everywhere, with :math:`A_n = (\\partial o_n /
-  \\partial z_n)^\\top` (d × C) obtained from C output-unit vectors pushed back in one batched backward
-  pass (kept in the graph).
+  \\frac1N \\sum_c \\delta_{cn}\\delta_{cn}^\\top` exactly almost everywhere: the C columns of a
+  factor of the loss Hessian in the output, pushed back to the layer in one batched backward
+  pass (:func:`famviz.curvature.pull_back`, kept in the graph).
 * ``"hvp"`` — anything else (smooth activations after the layer, a custom loss, a model that is
-  not a plain stack): d batched Hessian-vector products in the layer's outputs, with
-  ``create_graph=True``.
+  not a plain stack): d batched Hessian-vector products in the layer's outputs (d·P for a layer
+  applied at P positions; refused where that would not fit), with ``create_graph=True``.
 
 ``gradient="exact"`` keeps every piece in the autograd graph, so ``backward()`` delivers the true
 gradient of κ to W, its bias, every layer below W (through φ) and every layer above it (through

@@ -34,13 +34,12 @@ from ..replica import RngStream, check_model, replicate
 from ._args import check_normalize, number
 from .penalty import (
     GRADIENTS,
+    _curvature,
     _eval_modes,
     _has_mode_dependent,
-    _kappa,
     _layer,
     _plan,
     _Target,
-    _traces,
 )
 from .sam import ASAM_ETA, SAM, frozen_running_stats
 
@@ -144,17 +143,15 @@ class Step:
         if self.path is None:
             self.path = _plan(self.model, self.target, self.loss_name, z, out)
         W = self.module.weight
-        scale = 1.0 / W.shape[1] if self.normalize == "m" else 1.0
+        scale = 1.0 / W[0].numel() if self.normalize == "m" else 1.0
         if self.gradient == "exact":
-            value, backwards = _kappa(self.path, W, phi, z, out, y, self.loss_name, self.loss_fn,
-                                      True)
+            value, backwards = _curvature(self.path, self.module, phi, z, out, y,
+                                          self.loss_name, self.loss_fn, True)
             return value * scale, None, backwards
-        T, backwards = _traces(self.path, phi.detach().pow(2).sum(dim=1), z, out, y,
-                               self.loss_name, self.loss_fn, False)
+        T, backwards = _curvature(self.path, self.module, phi, z, out, y, self.loss_name,
+                                  self.loss_fn, False, want="T")
         with torch.no_grad():
-            if self.path not in ("softmax", "mse"):  # symmetric by construction there
-                T = (T + T.T) / 2
-            TW = T @ W
+            TW = (T @ W.reshape(len(T), -1)).reshape(W.shape)
             value = (W * TW).sum()
             return (value if scale == 1.0 else value * scale), TW.mul_(2 * scale), backwards
 
@@ -495,8 +492,8 @@ def train(
         batch_size: mini-batch size (≥ 1, default :data:`DEFAULT_BATCH_SIZE`) for tensor
             data; the last batch of an epoch may be smaller. A ``DataLoader`` makes its own
             batches (passing ``batch_size`` with one is an error).
-        layer: the ``nn.Linear`` feature layer (FAM's penalty and the tracked κ); ``None``: the
-            last ``nn.Linear`` module (:func:`last_linear`).
+        layer: the feature layer, an ``nn.Linear`` or ``nn.Conv2d`` (FAM's penalty and the
+            tracked κ); ``None``: the last ``nn.Linear`` module (:func:`last_linear`).
         loss: ``"cross_entropy"``, ``"mse"`` or a callable ``(output, target) -> scalar``.
         normalize: FAM penalty κ (``None``) or κ/m (``"m"``).
         gradient: FAM penalty gradient, ``"exact"`` or ``"frozen"`` (see :func:`penalty`).
@@ -517,7 +514,7 @@ def train(
 
     Raises:
         ValueError: an unknown method/option, λ < 0, ρ < 0, epochs < 1, a layer that is not an
-            ``nn.Linear``, targets that do not fit the outputs, ...
+            ``nn.Linear``/``nn.Conv2d``, targets that do not fit the outputs, ...
         FloatingPointError: the loss became NaN or infinite (lower ``lr`` or ``lam``).
 
     Example (two moons; FAM from the same initialization as SGD):
