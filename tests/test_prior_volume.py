@@ -388,3 +388,15 @@ class CustomInit(nn.Linear):
 def test_bad_input_gives_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_progress_bar_of_the_empirical_kernel(capsys):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    X = torch.eye(3, dtype=torch.float64)
+    quiet = fv.prior_volume(model, X, kernel="empirical", samples=40, seed=0)
+    assert capsys.readouterr().err == ""
+    shown = fv.prior_volume(model, X, kernel="empirical", samples=40, seed=0, progress=True)
+    assert "empirical kernel" in capsys.readouterr().err
+    assert shown.log_volume == quiet.log_volume
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        fv.prior_volume(model, X, progress="yes")

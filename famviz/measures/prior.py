@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature import generator, new_seed
+from .._progress import check_progress, progress_bar
 from ..objective import Objective, check_option
 from ..replica import preserve_global_rng, replicate
 from ._base import (
@@ -305,7 +306,7 @@ def _resettable(model: nn.Module) -> list[nn.Module]:
 
 
 def empirical_kernel(model: nn.Module, X: Tensor, *, samples: int = 2000, seed: int = 0,
-                     dtype: torch.dtype = torch.float64):
+                     dtype: torch.dtype = torch.float64, progress: bool = False):
     r"""The empirical kernel of a model's binary score at initialization.
 
     :math:`\hat K = \frac1M \sum_{m=1}^M g_m g_m^\top`, with :math:`g_m` the score
@@ -314,10 +315,13 @@ def empirical_kernel(model: nn.Module, X: Tensor, *, samples: int = 2000, seed: 
     alone). The prior mean is taken as zero, as for the NNGP kernel (true for every init that is
     symmetric about zero).
 
+    ``progress=True`` shows a tqdm bar of the re-initializations.
+
     Returns:
         ``(K, G)``: K (n, n) float64 and the M × n scores G (float64).
     """
     samples = check_count("samples", samples)
+    check_progress(progress)
     replica = _replica(model, dtype)
     modules = _resettable(replica)
     X = torch.as_tensor(X).detach().to(dtype=dtype, device=next(replica.parameters()).device)
@@ -325,12 +329,15 @@ def empirical_kernel(model: nn.Module, X: Tensor, *, samples: int = 2000, seed: 
     seeds = torch.randint(0, 2**62, (samples,), generator=gen).tolist()
     scores = []
     # reset_parameters draws from the global generator: seed it per sample, then restore it
-    with preserve_global_rng(), torch.no_grad():
+    with preserve_global_rng(), torch.no_grad(), progress_bar(
+            progress, samples, "empirical kernel", unit="init") as bar:
         for s in seeds:
             torch.manual_seed(s)
             for m in modules:
                 m.reset_parameters()
             scores.append(_binary_output(replica(X), "the model's output").to(torch.float64))
+            if bar is not None:
+                bar.update()
     G = torch.stack(scores).cpu()
     return G.T @ G / samples, G
 
@@ -383,6 +390,7 @@ def prior_volume(
     damping: float = 0.5,
     tol: float = 1e-9,
     max_iter: int = 500,
+    progress: bool = False,
 ) -> PriorVolumeResult:
     r"""The prior probability :math:`\log P(f)` of the model's binary function on the inputs X
     (Zhang et al. 2021): the volume of the initial parameters that produce it.
@@ -418,6 +426,7 @@ def prior_volume(
             integral are always float64.
         damping, tol, max_iter: EP's damping factor in (0, 1], its tolerance on the change of
             :math:`\log P` and its sweep cap.
+        progress: show a tqdm bar of the empirical kernel's re-initializations.
 
     Returns:
         A :class:`PriorVolumeResult`; ``float(result)`` is :math:`\log P(f)`.
@@ -442,6 +451,7 @@ def prior_volume(
     tol = check_positive("tol", tol)
     max_iter = check_count("max_iter", max_iter)
     samples = check_count("samples", samples, minimum=2)
+    check_progress(progress)
     mc_samples = check_count("mc_samples", mc_samples, minimum=2)
     seed = check_seed(seed)
     if not isinstance(model, nn.Module):
@@ -491,7 +501,7 @@ def prior_volume(
         G = None
     else:
         K, G = empirical_kernel(model, X, samples=samples, seed=used_seed,
-                                dtype=dtype or torch.float64)
+                                dtype=dtype or torch.float64, progress=progress)
         forward += samples
         kernel_stderr = _kernel_stderr(G, K)
 
