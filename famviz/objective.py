@@ -307,6 +307,16 @@ def resolve_params(model: nn.Module, params=None) -> list[str]:
 
 
 @dataclass(frozen=True)
+class LayerProbe:
+    """A module's part in one forward pass: ``calls`` (times it ran), ``phi_ndim`` (axes of
+    its first input when it first ran), ``is_output`` (its output is the model's output)."""
+
+    calls: int
+    phi_ndim: int | None
+    is_output: bool
+
+
+@dataclass(frozen=True)
 class ObjectiveInfo:
     """What an objective was: recorded in every result."""
 
@@ -394,8 +404,22 @@ class Objective:
 
     def _check_input(self) -> Tensor:
         """Fail early, with a clear message, on inputs the model cannot take (one forward pass
-        on a single sample); return that output, for the targets' shapes."""
+        on a single sample); return that output, for the targets' shapes. The same pass
+        records every module's part in it (:meth:`layer_probe`)."""
         self._draws_rng = False
+        seen: dict[str, list] = {}
+
+        def make_hook(name):
+            def hook(module, inputs, output):
+                entry = seen.setdefault(name, [0, None, None])
+                entry[0] += 1
+                if entry[0] == 1:
+                    phi = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+                    entry[1], entry[2] = (None if phi is None else phi.ndim), output
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(name))
+                   for name, m in self.model.named_modules() if name]
         try:
             with torch.no_grad(), preserve_global_rng():
                 state = torch.get_rng_state()
@@ -408,7 +432,19 @@ class Objective:
         except (RuntimeError, TypeError) as exc:  # shapes, or keyword inputs it does not take
             raise ValueError(f"data: the model cannot evaluate {describe(self.sample)}: "
                              f"{exc}") from exc
+        finally:
+            for h in handles:
+                h.remove()
+        self._probes = {name: LayerProbe(calls, phi_ndim, output is out)
+                        for name, (calls, phi_ndim, output) in seen.items()}
+        self.sample_output_ndim = out.ndim
         return out
+
+    def layer_probe(self, layer: str) -> LayerProbe:
+        """How module ``layer`` took part in the one-sample forward pass made when the
+        objective was built: how often it ran, its input's number of axes, whether its output
+        is the model's output (a module that did not run: 0 calls)."""
+        return self._probes.get(layer, LayerProbe(0, None, False))
 
     # -- evaluation ---------------------------------------------------------------------------
 

@@ -129,12 +129,12 @@ def per_sample_vectors(obj: Objective, layer: str) -> bool:
     """True when a Linear layer sees (N, features) inputs and the model gives (N, outputs), the
     case of :func:`famviz.curvature.linear_pullback`; False when the layer applies its weight
     at several positions per sample (a Conv2d, a Linear on (N, ..., F) inputs) or the output
-    has more axes, which :func:`closed_form` handles. One forward pass on one sample."""
+    has more axes, which :func:`closed_form` handles (read off the objective's one-sample
+    pass)."""
     if isinstance(obj.model.get_submodule(layer), nn.Conv2d):
         return False
-    with torch.no_grad(), obj.capture([layer]) as cap:
-        out = obj.forward({}, obj.sample)
-    return out.ndim == 2 and cap[layer].get("phi", out).ndim == 2
+    phi_ndim = obj.layer_probe(layer).phi_ndim
+    return obj.sample_output_ndim == 2 and phi_ndim in (None, 2)
 
 
 def closed_form(obj: Objective, layer: str, want_blocks: bool,

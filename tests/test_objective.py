@@ -187,3 +187,18 @@ def test_probability_targets_must_be_distributions(net_and_data):
     soft = F.one_hot(y, 5).double() * 2
     with pytest.raises(ValueError, match="sum to 1"):
         fv.hessian_trace(model, (X, soft))
+
+
+def test_the_one_sample_pass_records_each_layers_part():
+    lin = torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), lin, torch.nn.Tanh(),
+                                lin, torch.nn.Linear(4, 2))
+    obj = Objective(model, (torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])))
+    assert obj.layer_probe("0") == type(obj.layer_probe("0"))(1, 2, False)
+    assert obj.layer_probe("2").calls == 2  # the same module used twice
+    assert obj.layer_probe("5").is_output and obj.layer_probe("5").calls == 1
+    assert obj.layer_probe("missing").calls == 0 and obj.sample_output_ndim == 2
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(),
+                               torch.nn.Linear(2 * 4 * 4, 3))
+    obj = Objective(conv, (torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 2, 0])))
+    assert obj.layer_probe("0").phi_ndim == 4 and obj.layer_probe("2").phi_ndim == 2

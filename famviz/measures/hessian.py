@@ -164,10 +164,9 @@ def _gauss_newton_traces(obj: Objective, names: list[str], layers: list[str]) ->
 def _per_sample_vectors(obj: Objective, layers: list[str]) -> bool:
     """True when every layer sees (N, features) inputs and the model gives (N, outputs): the
     form the Gauss-Newton traces assume (a Linear on (N, T, F) tokens shares its weight over
-    positions, and its traces couple them); one forward pass on one sample."""
-    with torch.no_grad(), obj.capture(layers) as cap:
-        out = obj.forward({}, obj.sample)
-    return out.ndim == 2 and all(c["phi"].ndim == 2 for c in cap.values() if "phi" in c)
+    positions, and its traces couple them); read off the objective's one-sample pass."""
+    return obj.sample_output_ndim == 2 and all(
+        obj.layer_probe(name).phi_ndim in (None, 2) for name in layers)
 
 
 def hessian_trace(

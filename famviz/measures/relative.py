@@ -37,7 +37,6 @@ from ..curvature import (
 )
 from ..objective import (
     LOSSES,
-    LayerReusedError,
     Objective,
     ObjectiveInfo,
     check_option,
@@ -249,13 +248,8 @@ def _hutchinson_kappa(op: HessianOperator, W: torch.Tensor, probes: int, seed: i
 
 def _is_output_layer(obj: Objective, layer: str) -> bool:
     """True when the layer's output is the model's output (and the layer runs once)."""
-    X = obj.sample
-    try:
-        with torch.no_grad(), obj.capture([layer]) as cap:
-            out = obj.forward({}, X)
-    except LayerReusedError:
-        return False
-    return cap[layer]["z"] is out
+    probe = obj.layer_probe(layer)
+    return probe.calls == 1 and probe.is_output
 
 
 def _traced_piecewise_linear(obj: Objective, layer: str) -> bool:
