@@ -147,7 +147,7 @@ class _Engine:
         self.dirs = [{n: d[n].to(device=obj.device, dtype=obj.dtype) for n in self.names}
                      for d in directions]
         self.classify = (obj.loss_name == "cross_entropy"
-                         and not obj.batches[0][1].is_floating_point())
+                         and not next(iter(obj.batches))[1].is_floating_point())
         self.loss_fn = obj.loss_fn
         self.stack = None
         self.activations = self._activation_elements()

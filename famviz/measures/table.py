@@ -378,7 +378,7 @@ def _neighbours(model: nn.Module, layer: str) -> tuple[str | None, str | None]:
 def _is_binary(obj: Objective) -> bool:
     """One logit or two classes per sample (the tasks of the binary-only measures)."""
     with torch.no_grad():
-        out = obj.forward({}, obj.batches[0][0][:1], bn="eval")
+        out = obj.forward({}, next(iter(obj.batches))[0][:1], bn="eval")
     return out.ndim == 1 or (out.ndim == 2 and out.shape[1] in (1, 2))
 
 
