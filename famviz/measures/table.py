@@ -422,7 +422,8 @@ def measure_all(
             ``MEASURES[name].fast_large``: Tr(H) from 6 HVPs (Hutch++ where the trace is not
             exact), λ_max to a relative residual of 1e-2 in at most 8 Lanczos steps
             (``result.converged`` says whether it got there), 5 ascent steps and one start for
-            the worst cases, 5 draws for the averages, 2 for PAC-Bayes and the basin volume.
+            the worst cases, 5 draws for the averages, 2 draws and 4 bisection steps for
+            PAC-Bayes and the basin volume.
             Each row's ``parameters`` record what was used (and the table's ``fast_large``
             that the rule applied). See ``benchmarks/README.md`` for the costs.
         options: per-measure keyword overrides, e.g. ``{"eps_sharpness": {"eps": 5e-4}}``.
