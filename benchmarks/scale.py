@@ -89,7 +89,7 @@ def _hand_slice(model, loader) -> float:
     d2 = fv.landscape.random_direction(model, seed=2)
     theta = {k: v.detach() for k, v in model.named_parameters()}
     buffers = dict(model.named_buffers())
-    axis = torch.linspace(-0.5, 0.5, 11).tolist()
+    axis = [(i - 5) / 10 for i in range(11)]  # -0.5 ... 0.5, the centre exactly 0
     centre = None
     with torch.no_grad():
         for a in axis:
