@@ -244,3 +244,32 @@ def test_bad_input(setup):
         ls.slice_2d(model, data, d, d, steps=2001, memory_budget=50 << 20)
     with pytest.raises(ValueError, match="unknown norm 'unit'"):
         ls.random_direction(model, norm="unit")
+
+
+def test_models_with_large_activations_are_evaluated_point_by_point():
+    """A CNN on images (activations far above VMAP_MAX_ACTIVATIONS per grid point) runs one
+    point at a time, like a hand-written loop, with the exact numbers of single-point
+    evaluations (float64, BatchNorm with running statistics, two data batches); the small
+    digits CNN keeps vmap. Chunks never exceed the per-mode caps."""
+    model = fv.models.resnet((1, 1), (4, 8), seed=0).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(48, 3, 24, 24, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (48,), generator=gen)
+    batches = [(X[:32], y[:32]), (X[32:], y[32:])]
+    d1, d2 = ls.random_direction(model, seed=1), ls.random_direction(model, seed=2)
+    engine = ls.slices._prepare(model, batches, None, [d1, d2], "cross_entropy", None, None,
+                                "eval", ls.DEFAULT_MEMORY_BUDGET)[0]
+    assert engine.activations > ls.slices.VMAP_MAX_ACTIVATIONS and engine.mode == "loop"
+    s = ls.slice_2d(model, batches, d1, d2, span=(-0.5, 0.5), steps=3)
+    assert s.meta["engine"] == "loop"
+    for i, j in [(0, 0), (1, 1), (2, 1), (0, 2)]:
+        loss, acc = point_loss(model, (X, y), (s.x[i], s.y[j]), (d1, d2))
+        assert s.values[i, j] == pytest.approx(loss, rel=1e-12)
+        assert s.accuracy[i, j] == pytest.approx(acc, abs=1e-12)
+    small = fv.models.cnn(channels=(2, 2), hidden=6, num_classes=5, seed=1).double()
+    Xs = torch.randn(40, 64, generator=gen, dtype=torch.float64)
+    e = ls.slices._prepare(small, (Xs, torch.arange(40) % 5), None,
+                           [ls.random_direction(small, seed=1)], "cross_entropy", None, None,
+                           "eval", ls.DEFAULT_MEMORY_BUDGET)[0]
+    assert e.mode == "vmap" and e.activations <= ls.slices.VMAP_MAX_ACTIVATIONS
+    assert 1 <= e.chunk <= ls.slices.VMAP_CHUNK

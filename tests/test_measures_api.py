@@ -277,6 +277,32 @@ def test_measure_all_subset_and_fast_preset():
     assert fast["basin_volume"].parameters == {"threshold": 0.1, **MEASURES["basin_volume"].fast}
 
 
+def test_fast_preset_on_a_large_model_adds_the_recorded_large_model_settings(monkeypatch):
+    """Above FAST_LARGE_PARAMS parameters "fast" also applies each measure's fast_large
+    settings; the rows record them and give the numbers of a direct call with those settings;
+    the user's options still win; below the threshold nothing changes."""
+    from famviz.measures import table as table_mod
+
+    names = ["eps_sharpness", "worst_case_flatness", "hessian_top_eigenvalue"]
+    small = measure_all(net(6), DATA, measures=names, preset="fast", seed=1)
+    assert not small.fast_large
+    assert small["eps_sharpness"].parameters["steps"] == MEASURES["eps_sharpness"].fast["steps"]
+    monkeypatch.setattr(table_mod, "FAST_LARGE_PARAMS", 10)  # the tiny MLP counts as large
+    t = measure_all(net(6), DATA, measures=names, preset="fast", seed=1,
+                    options={"worst_case_flatness": {"steps": 2}})
+    assert t.fast_large and t.to_dict()["fast_large"] is True and "large model" in t._repr_html_()
+    eps = t["eps_sharpness"]
+    assert eps.parameters["steps"] == MEASURES["eps_sharpness"].fast_large["steps"] == 5
+    assert eps.value == fv.eps_sharpness(net(6), DATA, steps=5, seed=1).value
+    worst = t["worst_case_flatness"].parameters
+    assert worst["restarts"] == 1 and worst["steps"] == 2  # the option overrides the preset
+    eig = t["hessian_top_eigenvalue"]
+    assert eig.parameters["tol"] == 1e-2 and eig.parameters["max_iter"] == 8
+    direct = fv.hessian_top_eigenvalue(net(6), DATA, tol=1e-2, max_iter=8, seed=1)
+    assert eig.value == float(direct) and eig.cost.hvps == direct.num_hvps
+    assert not measure_all(net(6), DATA, measures=names, seed=1).fast_large  # default preset
+
+
 def test_table_to_dict_is_json_and_reports_the_declarations(table):
     d = json.loads(json.dumps(table.to_dict()))
     assert [r["name"] for r in d["rows"]] == table.names

@@ -51,7 +51,8 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 MAX_STEPS = 10_001
 #: most points in one grid (a 2001 x 2001 plane fits)
 MAX_GRID_POINTS = 1 << 22
-#: safety factor on the estimated activation memory of one grid point
+#: one grid point's memory: this many times its largest activation (a residual block holds its
+#: input, the current and the next output), plus its weights
 _ACTIVATION_FACTOR = 3
 
 
@@ -108,6 +109,19 @@ _ELEMENTWISE = (
 #: grid points per batched evaluation in the Linear-stack engine: small enough that the
 #: (points, N, width) activations stay near the cache (measured: 4-16 equally fast, 64+ 3x slower)
 LINEAR_STACK_CHUNK = 8
+#: most grid points per ``vmap`` call: larger stacks were slower per point, not faster (a
+#: non-Sequential 64-128-64-10 MLP on the 1797 digits, 1 thread: 16 points 0.96 ms each, 64
+#: points 2.3 ms, 256 points 2.4 ms)
+VMAP_CHUNK = 16
+#: ``vmap`` only when one grid point's activations (all leaf modules' outputs over the largest
+#: data batch) hold at most this many elements. Batching points helps where the per-point ops
+#: are small and their overhead dominates; above this the ops are large already, and vmap is
+#: slower than a loop while holding a chunk of points' activations at once (measured on 1
+#: thread: a digits CNN with 1.2e5 elements per point 1.2 vs 1.8 ms per point, vmap faster;
+#: with 1.1e6 and 2.1e6 elements the loop was 1.2x faster; the narrow CIFAR ResNet of
+#: benchmarks/scale.py, 5e7 elements, 0.25 s per point looped against 0.65 s with vmap, and
+#: 3.4 GB more memory for a vmapped 11 x 11 grid on ResNet-18)
+VMAP_MAX_ACTIVATIONS = 1 << 19
 
 
 class _Engine:
@@ -119,9 +133,11 @@ class _Engine:
       first layer's products with θ and the directions are formed once per data batch; a chunk
       of P points then costs one small GEMM to combine them and a ``baddbmm`` per later layer
       with per-point weights :math:`W + \\sum_i c_i D_i`.
-    * ``"vmap"``: any other model, :func:`torch.func.vmap` over points of ``functional_call``.
-    * ``"loop"``: one point at a time (BatchNorm with batch statistics, or ops without a vmap
-      rule).
+    * ``"vmap"``: any other model whose activations per point are small
+      (:data:`VMAP_MAX_ACTIVATIONS`), :func:`torch.func.vmap` over points of ``functional_call``.
+    * ``"loop"``: one point at a time, like a hand-written ``functional_call`` loop (models with
+      large activations such as CNNs on images, BatchNorm with batch statistics, or ops without
+      a vmap rule).
     """
 
     def __init__(self, obj: Objective, directions: Sequence[Mapping[str, Tensor]],
@@ -135,11 +151,15 @@ class _Engine:
                          and not obj.batches.first()[1].is_floating_point())
         self.loss_fn = obj.loss_fn
         self.stack = None
+        self.activations = self._activation_elements()
         if obj.bn == "train":  # batch statistics per point
             self.mode = "loop"
         else:
             self.stack = self._linear_stack()
-            self.mode = "linear-stack" if self.stack is not None else "vmap"
+            if self.stack is not None:
+                self.mode = "linear-stack"
+            else:
+                self.mode = "vmap" if self.activations <= VMAP_MAX_ACTIVATIONS else "loop"
         self.chunk = self._chunk_size(memory_budget)
 
     # -- strategy --------------------------------------------------------------------------
@@ -174,15 +194,33 @@ class _Engine:
                  for X, _ in self.obj.batches]  # (1 + k, N_b, d) per batch
         return ops[1:], first
 
+    def _activation_elements(self) -> int:
+        """Elements of one grid point's activations: every leaf module's outputs on one sample
+        (one forward pass), times the largest data batch. Sets ``peak``: the largest single
+        output times that batch (evaluations run without a graph, so a point holds a few
+        such tensors at a time, not all of them)."""
+        counts = []
+
+        def count(module, inputs, output):
+            counts.append(sum(t.numel() for t in _tensors(output)))
+
+        leaves = [m for m in self.obj.model.modules() if not any(True for _ in m.children())]
+        handles = [m.register_forward_hook(count) for m in leaves]
+        try:
+            with torch.no_grad():
+                out = self.obj.forward({}, self.obj.sample, bn="eval")
+        finally:
+            for h in handles:
+                h.remove()
+        self.n_max = self.obj.batches.max_batch
+        self.peak = self.n_max * max(counts + [out.numel()])
+        return self.n_max * max(sum(counts), out.numel())
+
     def _chunk_size(self, budget: int) -> int:
         itemsize = torch.finfo(self.obj.dtype).bits // 8
-        n_max = self.obj.batches.max_batch
-        widths = [m.out_features for m in self.obj.model.modules() if isinstance(m, nn.Linear)]
-        with torch.no_grad():
-            out_dim = self.obj.forward({}, self.obj.sample, bn="eval").numel()
-        act = max(sum(widths), out_dim)
-        per_point = _ACTIVATION_FACTOR * n_max * act * itemsize + sum(
+        per_point = _ACTIVATION_FACTOR * self.peak * itemsize + sum(
             t.numel() for t in self.theta.values()) * itemsize
+        n_max = self.n_max
         if per_point > budget:
             raise ValueError(
                 f"one grid point needs about {per_point / 2**20:.0f} MiB (batch of {n_max} "
@@ -190,7 +228,7 @@ class _Engine:
                 "batches or raise memory_budget"
             )
         chunk = max(1, budget // per_point)
-        return min(chunk, LINEAR_STACK_CHUNK) if self.mode == "linear-stack" else chunk
+        return min(chunk, LINEAR_STACK_CHUNK if self.mode == "linear-stack" else VMAP_CHUNK)
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -237,21 +275,26 @@ class _Engine:
         N = self.obj.num_samples
         loss = torch.zeros(len(C), dtype=self.obj.dtype, device=self.obj.device)
         acc = torch.zeros_like(loss)
+        if self.mode == "loop":  # each point's weights formed once, then every batch
+            for i, c in enumerate(C):
+                params = self._point_params(c)
+                for X, y in self.obj.batches:
+                    l_b, a_b = self._stats(self.obj.forward(params, X), y)
+                    w = len(X) / N
+                    loss[i] += w * l_b
+                    acc[i] += w * a_b
+            return loss, acc
         # the leading 1 multiplies theta (C[:, :1] would be empty without directions)
         cc = torch.cat([C.new_ones(len(C), 1), C], dim=1)
         for b, (X, y) in enumerate(self.obj.batches):
             if self.mode == "linear-stack":
                 l_b, a_b = self._stack_chunk(cc, b, y)
-            elif self.mode == "vmap":
+            else:  # vmap
 
                 def point(c, X=X, y=y):
                     return self._stats(self.obj.forward(self._point_params(c), X), y)
 
                 l_b, a_b = vmap(point)(C)
-            else:
-                parts = [self._stats(self.obj.forward(self._point_params(c), X), y) for c in C]
-                l_b = torch.stack([p[0] for p in parts])
-                a_b = torch.stack([p[1] for p in parts])
             w = len(X) / N
             loss += w * l_b
             acc += w * a_b
@@ -280,6 +323,17 @@ class _Engine:
                 losses.append(l)
                 accs.append(a)
         return torch.cat(losses).cpu().double().numpy(), torch.cat(accs).cpu().double().numpy()
+
+
+def _tensors(output) -> list[Tensor]:
+    """The tensors of a module's output (a tensor, or nested tuples/lists/dicts of them)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for o in output for t in _tensors(o)]
+    return []
 
 
 # ----------------------------------------------------------------------------------- results

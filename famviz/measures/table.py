@@ -88,10 +88,14 @@ __all__ = [
     "MeasureTable",
     "MEASURES",
     "PRESETS",
+    "FAST_LARGE_PARAMS",
     "measure_all",
 ]
 
 PRESETS = ("default", "fast")
+#: under ``preset="fast"``, a model with more parameters than this is "large": the measures then
+#: also take their ``fast_large`` settings (each row's ``parameters`` records what it used)
+FAST_LARGE_PARAMS = 100_000
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,10 @@ class MeasureSpec:
             ``kind="average"``).
         higher_is: ``"sharper"`` or ``"flatter"`` (or ``"more complex"``).
         fast: keyword arguments of the ``"fast"`` preset.
+        fast_large: keyword arguments the ``"fast"`` preset adds on a large model (more than
+            :data:`FAST_LARGE_PARAMS` parameters), where every pass over the data is slow: fewer
+            Hessian-vector products, ascent steps and Monte-Carlo draws (see
+            :func:`measure_all`).
         uses_layer: the function takes the reference layer (relative flatness).
         binary_only: the measure is defined for binary tasks only (one logit or two classes);
             measure_all leaves it out of the default list elsewhere.
@@ -115,6 +123,7 @@ class MeasureSpec:
     higher_is: str
     kwargs: dict = field(default_factory=dict)
     fast: dict = field(default_factory=dict)
+    fast_large: dict = field(default_factory=dict)
     uses_layer: bool = False
     binary_only: bool = False
 
@@ -123,25 +132,31 @@ class MeasureSpec:
 MEASURES: dict[str, MeasureSpec] = {s.name: s for s in [
     MeasureSpec("relative_flatness", "relative flatness κ (Petzka et al. 2021)",
                 relative_flatness, "sharper", uses_layer=True),
-    MeasureSpec("hessian_trace", "Tr(H)", hessian_trace, "sharper"),
-    MeasureSpec("hessian_top_eigenvalue", "λ_max(H)", hessian_top_eigenvalue, "sharper"),
+    MeasureSpec("hessian_trace", "Tr(H)", hessian_trace, "sharper",
+                fast_large={"probes": 6}),
+    MeasureSpec("hessian_top_eigenvalue", "λ_max(H)", hessian_top_eigenvalue, "sharper",
+                fast_large={"tol": 1e-2, "max_iter": 8}),
     MeasureSpec("eps_sharpness", "ε-sharpness, % (Keskar et al. 2017)", eps_sharpness,
-                "sharper", fast={"steps": 10}),
+                "sharper", fast={"steps": 10}, fast_large={"steps": 5}),
     MeasureSpec("adaptive_sharpness", "adaptive sharpness, worst case (Kwon et al. 2021)",
-                adaptive_sharpness, "sharper", fast={"steps": 10}),
+                adaptive_sharpness, "sharper", fast={"steps": 10}, fast_large={"steps": 5}),
     MeasureSpec("adaptive_sharpness_average",
                 "adaptive sharpness, average case (Kwon et al. 2021)", adaptive_sharpness,
-                "sharper", kwargs={"kind": "average"}, fast={"samples": 10}),
+                "sharper", kwargs={"kind": "average"}, fast={"samples": 10},
+                fast_large={"samples": 5}),
     MeasureSpec("average_flatness", "average-case flatness (Stutz et al. 2021)",
-                average_flatness, "sharper", fast={"samples": 10}),
+                average_flatness, "sharper", fast={"samples": 10}, fast_large={"samples": 5}),
     MeasureSpec("worst_case_flatness", "worst-case flatness (Stutz et al. 2021)",
-                worst_case_flatness, "sharper", fast={"restarts": 3}),
+                worst_case_flatness, "sharper", fast={"restarts": 3},
+                fast_large={"restarts": 1, "steps": 5}),
     MeasureSpec("pac_bayes_flatness", "PAC-Bayes flatness 1/σ² (Jiang et al. 2020)",
-                pac_bayes_flatness, "sharper", fast={"samples": 5, "steps": 8}),
+                pac_bayes_flatness, "sharper", fast={"samples": 5, "steps": 8},
+                fast_large={"samples": 2, "steps": 4}),
     MeasureSpec("fisher_rao_norm", "Fisher–Rao norm (Liang et al. 2019)", fisher_rao_norm,
                 "more complex"),
     MeasureSpec("basin_volume", "basin mean radius (volume estimate)", basin_volume,
-                "flatter", fast={"samples": 5, "steps": 6}),
+                "flatter", fast={"samples": 5, "steps": 6},
+                fast_large={"samples": 2, "steps": 4}),
     MeasureSpec("prior_volume", "log prior volume log P(f) (Zhang et al. 2021)",
                 _prior_volume_entry, "flatter", binary_only=True),
 ]}
@@ -196,7 +211,9 @@ class MeasureTable:
 
     ``table["eps_sharpness"]`` is a row, ``table.values()`` maps names to values,
     ``table.invariance()`` names to declarations; ``to_dict()`` is JSON-ready; in a notebook
-    the table renders as HTML, in a terminal ``print(table)`` gives text.
+    the table renders as HTML, in a terminal ``print(table)`` gives text. ``fast_large`` is
+    True when ``preset="fast"`` met a large model and added each measure's ``fast_large``
+    settings (:data:`FAST_LARGE_PARAMS`).
     """
 
     rows: tuple[MeasureRow, ...]
@@ -207,6 +224,7 @@ class MeasureTable:
     preset: str
     objective: object = field(repr=False)
     seconds: float = 0.0
+    fast_large: bool = False
 
     def __getitem__(self, name: str) -> MeasureRow:
         for row in self.rows:
@@ -238,7 +256,7 @@ class MeasureTable:
     def to_dict(self) -> dict:
         info = self.objective
         return {"layer": self.layer, "below": self.below, "above": self.above,
-                "seed": self.seed, "preset": self.preset,
+                "seed": self.seed, "preset": self.preset, "fast_large": self.fast_large,
                 "seconds": self.seconds,
                 "objective": _plain(vars(info)) if info is not None else None,
                 "rows": [r.to_dict() for r in self.rows]}
@@ -281,7 +299,8 @@ class MeasureTable:
         info = self.objective
         caption = (f"flatness measures — loss {info.loss}, {info.num_samples} samples, "
                    f"reference layer {self.layer!r}, seed {self.seed}, preset "
-                   f"{self.preset!r}, {self.seconds:.2f} s" if info is not None else "")
+                   f"{self.preset!r}{' (large model)' if self.fast_large else ''}, "
+                   f"{self.seconds:.2f} s" if info is not None else "")
         head = "".join(
             f'<th title="{html.escape(TRANSFORM_DESCRIPTIONS[h])}">{h}</th>'
             if h in TRANSFORM_DESCRIPTIONS else f"<th>{html.escape(h)}</th>"
@@ -398,7 +417,15 @@ def measure_all(
             when the model has no Linear layer, the prior volume unless the task is binary).
         seed: one seed for every stochastic measure (drawn and recorded if None).
         preset: ``"default"`` (each measure's paper defaults) or ``"fast"`` (fewer samples and
-            steps, for interactive use; see ``benchmarks/README.md``).
+            steps, for interactive use: ``MEASURES[name].fast``). On a large model (more than
+            :data:`FAST_LARGE_PARAMS` parameters, a CIFAR ResNet) ``"fast"`` also applies
+            ``MEASURES[name].fast_large``: Tr(H) from 6 HVPs (Hutch++ where the trace is not
+            exact), λ_max to a relative residual of 1e-2 in at most 8 Lanczos steps
+            (``result.converged`` says whether it got there), 5 ascent steps and one start for
+            the worst cases, 5 draws for the averages, 2 draws and 4 bisection steps for
+            PAC-Bayes and the basin volume.
+            Each row's ``parameters`` record what was used (and the table's ``fast_large``
+            that the rule applied). See ``benchmarks/README.md`` for the costs.
         options: per-measure keyword overrides, e.g. ``{"eps_sharpness": {"eps": 5e-4}}``.
         dtype, device, bn: evaluation dtype, device and BatchNorm policy of every measure.
         progress: show a progress bar (``tqdm.auto``).
@@ -456,6 +483,8 @@ def measure_all(
     if measures is None and not _is_binary(obj):
         names = [n for n in names if not MEASURES[n].binary_only]
 
+    large = (preset == "fast"
+             and sum(p.numel() for p in model.parameters()) > FAST_LARGE_PARAMS)
     iterator = names
     if progress:
         from tqdm.auto import tqdm
@@ -465,7 +494,7 @@ def measure_all(
     for name in iterator:
         spec = MEASURES[name]
         opts = {**spec.kwargs, **(spec.fast if preset == "fast" else {}),
-                **options.get(name, {})}
+                **(spec.fast_large if large else {}), **options.get(name, {})}
         common = {"loss": loss, "seed": seed, "dtype": dtype, "device": device, "bn": bn}
         t0 = time.perf_counter()
         try:
@@ -507,4 +536,4 @@ def measure_all(
         ))
     return MeasureTable(tuple(rows), layer, below if below != "?" else None,
                         above if above != "?" else None, seed, preset, obj.info(),
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, large)
