@@ -221,7 +221,7 @@ def trajectory_directions(states: Sequence, k: int = 2, model: nn.Module | None 
             :data:`famviz.landscape.DEFAULT_MEMORY_BUDGET`) for the PCA.
         TypeError: ``states`` not a sequence, ``k`` not an int, ``model`` not a module.
     """
-    from .slices import DEFAULT_MEMORY_BUDGET, _check_budget
+    from .._memory import DEFAULT_MEMORY_BUDGET, check_memory_budget
 
     if isinstance(states, (str, bytes, Mapping)) or not isinstance(states, Sequence):
         raise TypeError(f"states must be a list of state dicts or models in training order, "
@@ -239,7 +239,7 @@ def trajectory_directions(states: Sequence, k: int = 2, model: nn.Module | None 
     template = _params(model if model is not None else states[0])
     names = list(template)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-    _check_budget(budget)
+    check_memory_budget(budget)
     size = sum(t.numel() for t in template.values())
     if k > size:
         raise ValueError(f"k={k} directions, but the model has only {size} parameters")

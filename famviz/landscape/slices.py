@@ -26,9 +26,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from .._memory import DEFAULT_MEMORY_BUDGET, check_memory_budget
+from .._progress import check_progress
 from ..curvature import _sequential_leaves
 from ..objective import Objective, check_device, check_dtype
-from ..replica import replicate
+from ..replica import preserve_global_rng, replicate
 from .directions import Direction, check_direction, interpolation_direction
 
 __all__ = [
@@ -44,8 +46,6 @@ __all__ = [
     "MAX_GRID_POINTS",
 ]
 
-#: default memory budget of one evaluation chunk and of the result grid, in bytes
-DEFAULT_MEMORY_BUDGET = 1 << 30
 #: most points on one axis (far beyond a figure's resolution: a typo such as steps=10**7 would
 #: run for hours)
 MAX_STEPS = 10_001
@@ -384,29 +384,16 @@ class Slice2D:
 # --------------------------------------------------------------------------------- front door
 
 
-def _check_budget(memory_budget) -> None:
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral):
-        raise TypeError(f"memory_budget must be an int number of bytes (e.g. 2 << 30), got "
-                        f"{type(memory_budget).__name__} {memory_budget!r}")
-    if memory_budget <= 0:
-        raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
-
-
 def _check_args(dtype, device) -> None:
     """The Objective's dtype and device checks, made before the grid work is planned."""
     check_dtype(dtype)
     check_device(device)
 
 
-def _check_progress(progress) -> None:
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be True or False, got {progress!r}")
-
-
 def _prepare(model, data, test_data, directions, loss, dtype, device, bn, memory_budget):
     for i, d in enumerate(directions):
         check_direction(model, d, what=f"direction {i + 1}" if len(directions) > 1 else "direction")
-    _check_budget(memory_budget)
+    check_memory_budget(memory_budget)
     _check_args(dtype, device)
     obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
     engines = [_Engine(obj, directions, memory_budget)]
@@ -437,7 +424,7 @@ def _meta(engines, directions, span, steps, seconds) -> dict:
 
 
 def _evaluate_all(engines, coords, progress, results=None):
-    _check_progress(progress)
+    check_progress(progress)
     if results is None:  # else computed elsewhere (an executor's workers)
         results = [e.evaluate(coords, progress) for e in engines]
     train_l, train_a = results[0]
@@ -548,7 +535,7 @@ def _check_grid_memory(points: int, with_test: bool, budget: int, dims: int = 2)
     """Refuse, before any work, a grid of more than :data:`MAX_GRID_POINTS` points or whose
     coordinates (``dims`` per point, with the meshgrid's copies) and result arrays (loss and
     accuracy, for the test data too) need more than ``budget`` bytes."""
-    _check_budget(budget)
+    check_memory_budget(budget)
     if points > MAX_GRID_POINTS:
         raise ValueError(f"steps give a grid of {points} points, more than MAX_GRID_POINTS="
                          f"{MAX_GRID_POINTS}; use fewer steps (for detail, a narrower span)")
@@ -597,7 +584,7 @@ def slice_2d_progressive(model: nn.Module, data, d1: Mapping[str, Tensor],
             for n in levels]
     n_max = levels[-1]
     _check_grid_memory(n_max * n_max, test_data is not None, memory_budget)
-    _check_progress(progress)
+    check_progress(progress)
     t0 = time.perf_counter()
     engines = _prepare(model, data, test_data, [d1, d2], loss, dtype, device, bn, memory_budget)
     return _progressive(engines, [d1, d2], spans, levels, axes, progress, t0)
@@ -702,11 +689,9 @@ def _interpolate_bn(model_a, direction, data, steps, span, test_data, loss, dtyp
     t = grid_axis(span, steps)
     _check_grid_memory(len(t), test_data is not None, memory_budget, dims=1)
     _check_args(dtype, device)
-    _check_progress(progress)
-    devices = {torch.device(device) if device is not None else p.device
-               for p in model_a.parameters()}
-    cuda = [d.index or 0 for d in devices if d.type == "cuda"]
-    with torch.random.fork_rng(devices=cuda):  # a model may draw random numbers when it runs
+    check_progress(progress)
+    # a model may draw random numbers when it runs; famviz's lock keeps threads in order
+    with preserve_global_rng():
         return _reestimated_path(model_a, direction, data, t, span, test_data, loss, dtype,
                                  device, memory_budget, progress)
 
