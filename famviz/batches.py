@@ -160,6 +160,8 @@ def split_batch(batch, index: int) -> tuple[Tensor | Inputs, Tensor]:
         )
     X, y = batch
     y = _as_tensor(y, "y")
+    if isinstance(X, Inputs):  # a batch famviz has read already (a DataStream's)
+        return X, y
     if isinstance(X, Mapping):
         return Inputs((), dict(X)), y
     if isinstance(X, (tuple, list)) and not _is_tensorish(X):

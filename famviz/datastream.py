@@ -143,6 +143,9 @@ class DataStream(Iterable):
         self._kept = None if self.live else read_batches(
             data, dtype=dtype, device=device, long_labels=long_labels)
         self.num_samples = self.num_batches = self.min_batch = self.max_batch = 0
+        #: keys of the checks a full pass has made (an Objective's target checks), so that
+        #: several objectives on one stream check it once
+        self.checked: set = set()
 
     def scan(self, check: Callable | None = None) -> None:
         """One pass over the data: count its samples and batches, and call ``check(index, X,
@@ -160,10 +163,10 @@ class DataStream(Iterable):
     def _read(self) -> Iterator:
         """The raw batches of one pass over live data, each read under the private state."""
         source = [self._data] if is_single_batch(self._data) else self._data
-        with self._rng:
+        with self._rng.active():
             it = iter(source)
         while True:
-            with self._rng:
+            with self._rng.active():
                 try:
                     batch = next(it)
                 except StopIteration:

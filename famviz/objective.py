@@ -399,7 +399,11 @@ class Objective:
                     "(e.g. drop_last=True) or bn='eval'"
                 )
 
-        self.batches.scan(check)
+        key = (self.loss_name if self.loss_name in LOSSES else id(self.loss_fn),
+               tuple(out.shape[1:]), bn == "train" and has_bn)
+        if key not in self.batches.checked:  # objectives sharing a stream check it once
+            self.batches.scan(check)
+            self.batches.checked.add(key)
         self.num_samples = self.batches.num_samples
 
     def _check_input(self) -> Tensor:

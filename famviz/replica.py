@@ -174,29 +174,23 @@ class RngStream:
                      else torch.Generator().manual_seed(seed).get_state())
         self._cuda = torch.cuda.get_rng_state_all() if _cuda_initialized() else None
 
-    def __enter__(self) -> RngStream:
-        _RNG_LOCK.acquire()
-        try:
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """The block draws from this private state; the global state is put back after."""
+        with _RNG_LOCK:  # a `with`, not acquire/try: no point where an interrupt leaks it
             cuda = _cuda_initialized()
-            self._saved = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None)
-            torch.set_rng_state(self._cpu)
-            if cuda and self._cuda is not None:
-                torch.cuda.set_rng_state_all(self._cuda)
-        except BaseException:
-            _RNG_LOCK.release()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            cpu, cuda = self._saved
-            self._cpu = torch.get_rng_state()
-            if cuda is not None:
-                self._cuda = torch.cuda.get_rng_state_all()
-                torch.cuda.set_rng_state_all(cuda)
-            torch.set_rng_state(cpu)
-        finally:
-            _RNG_LOCK.release()
+            saved = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None)
+            try:
+                torch.set_rng_state(self._cpu)
+                if cuda and self._cuda is not None:
+                    torch.cuda.set_rng_state_all(self._cuda)
+                yield
+            finally:
+                self._cpu = torch.get_rng_state()
+                if cuda:
+                    self._cuda = torch.cuda.get_rng_state_all()
+                    torch.cuda.set_rng_state_all(saved[1])
+                torch.set_rng_state(saved[0])
 
 
 def _cuda_initialized() -> bool:

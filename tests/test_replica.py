@@ -3,6 +3,8 @@ half precision cannot change the model or give a different number."""
 
 from __future__ import annotations
 
+import inspect
+import linecache
 import sys
 import threading
 
@@ -109,18 +111,34 @@ def test_two_threads_give_the_sequential_results(name):
 
 
 class _Interrupt:
-    """A tracer that raises KeyboardInterrupt at the ``at``-th line executed in famviz code."""
+    """A tracer that raises KeyboardInterrupt at the ``at``-th line executed in famviz code.
+
+    CPython reports a ``with`` statement's line again when its block ends, just before the
+    context manager's ``__exit__`` is called; raising there skips ``__exit__``. A real Ctrl-C
+    never arrives there (the interpreter delivers signals at its eval-breaker checks: calls,
+    loop jumps, function and generator entries), so the tracer does not raise at those events.
+    """
 
     def __init__(self, at: int | None):
         self.at, self.count = at, 0
+        self.seen: dict[int, set[int]] = {}
 
     def __call__(self, frame, event, arg):
         if "/famviz/" not in frame.f_code.co_filename:
             return None  # do not trace into torch or the test
+        if not frame.f_code.co_flags & inspect.CO_GENERATOR:
+            self.seen.pop(id(frame), None)  # a new frame (a generator's is resumed instead)
         return self.local
 
+    def _with_exit(self, frame) -> bool:
+        lines = self.seen.setdefault(id(frame), set())
+        again = frame.f_lineno in lines
+        lines.add(frame.f_lineno)
+        source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).lstrip()
+        return again and source.startswith(("with ", "async with "))
+
     def local(self, frame, event, arg):
-        if event == "line":
+        if event == "line" and not self._with_exit(frame):
             self.count += 1
             if self.at is not None and self.count == self.at:
                 raise KeyboardInterrupt

@@ -477,6 +477,9 @@ def measure_all(
         if "relative_flatness" in names and layer is None:
             raise ValueError("relative_flatness needs a Linear layer; this model has none")
     obj = Objective(model, data, loss, dtype=dtype, device=device, bn=bn)
+    # every measure reads the data through this objective's stream: checked once, a generator
+    # read once, a DataLoader's private random state carried from measure to measure
+    data = obj.batches
     with torch.no_grad():
         check_finite_loss(obj.loss(), "the loss at the centre (the unperturbed model)")
     below, above = _neighbours(model, layer) if layer is not None else (None, None)
