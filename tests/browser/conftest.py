@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -34,6 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 # FAMVIZ_BROWSER_NOTEBOOKS: another folder to serve instead of notebooks/ (e.g. stand-ins that
 # follow the widgets' DOM contract, or a patched copy, to work on the tests or the dashboards)
 NOTEBOOKS = Path(os.environ.get("FAMVIZ_BROWSER_NOTEBOOKS") or REPO / "notebooks")
+# the Jupyter data directory holding famviz's Voilà template (voila/templates/famviz)
+VOILA_TEMPLATES = REPO / "share" / "jupyter"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -333,16 +336,36 @@ def lab_server(tmp_path_factory, chromium_executable):
 def voila_server(tmp_path_factory, chromium_executable):
     base = tmp_path_factory.mktemp("voila")
     env = _jupyter_env(base)
+    # famviz's Voilà template (share/jupyter/voila/templates/famviz): no CDN, progressive
+    # rendering; found through JUPYTER_PATH, as `make voila` does
+    env["JUPYTER_PATH"] = os.pathsep.join(
+        p for p in (str(VOILA_TEMPLATES), env.get("JUPYTER_PATH")) if p)
     root = _copy_notebooks(base / "root")
     argv = [
         sys.executable, "-m", "voila", "--no-browser", "--port={port}", "--Voila.ip=127.0.0.1",
-        "--Voila.port_retries=0", "--show_tracebacks=True", str(root),
+        "--Voila.port_retries=0", "--show_tracebacks=True", "--template=famviz", str(root),
     ]
     # Voilà serves its directory listing at / once it is up; notebooks are run per page load
     server = start_server("Voila", argv, env, root, base / "voila.log", "/")
     server.root = root
     yield server
     server.stop()
+
+
+def record_external_requests(page, server) -> list[str]:
+    """Start recording every request `page` makes to a host other than `server` (the page must
+    work offline: no CDN, no fonts, no telemetry). Returns the list, filled as the page runs;
+    call before the page is opened."""
+    local = urlsplit(server.url).netloc
+    external: list[str] = []
+
+    def on_request(request):
+        parts = urlsplit(request.url)
+        if parts.scheme not in ("data", "blob", "about") and parts.netloc != local:
+            external.append(request.url)
+
+    page.on("request", on_request)
+    return external
 
 
 # --------------------------------------------------------------------------------------------
