@@ -35,7 +35,7 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
 
 # the dashboards as an app, with famviz's Voilà template (share/jupyter/voila/templates/famviz:
-# works offline, renders progressively)
+# nothing loaded from a CDN, so the page works offline)
 voila: $(STAMP)
 	JUPYTER_PATH=$(CURDIR)/share/jupyter $(VENV)/bin/voila --template=famviz notebooks/dashboards.ipynb
 
