@@ -145,7 +145,7 @@ def test_dashboards_in_voila(page, voila_server, artifacts_dir, failure_artifact
     for widget in (reparam, landscape, training):
         widget.scroll_into_view_if_needed()
         page.wait_for_timeout(500)  # plotly's responsive resize follows the window's
-        check_layout(widget)
+        print("layout:", check_layout(widget))
 
     page.mouse.move(0, 0)  # no hover labels in the pictures
     for name, widget in (("reparam", reparam), ("landscape", landscape), ("training", training)):
