@@ -12,7 +12,7 @@ PIN    := $(VENV)/torch-pin.txt
 STAMP  := $(VENV)/.famviz-installed
 PYTEST_ARGS ?=
 
-.PHONY: lab test screenshots bench install clean
+.PHONY: lab voila test screenshots bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
+
+# the dashboards as an app, with famviz's Voilà template (share/jupyter/voila/templates/famviz:
+# nothing loaded from a CDN, so the page works offline)
+voila: $(STAMP)
+	JUPYTER_PATH=$(CURDIR)/share/jupyter $(VENV)/bin/voila --template=famviz notebooks/dashboards.ipynb
 
 # Debian's Chromium for the real-browser tests (tests/browser; Playwright drives it, never a
 # browser from `playwright install`). Installed when missing, with sudo unless root. Where that

