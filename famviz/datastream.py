@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from .batches import FORMS, Inputs, describe, is_single_batch, split_batch
+from .batches import FORMS, Batches, Inputs, describe, is_single_batch, split_batch
 from .replica import RngStream, preserve_global_rng
 
 __all__ = ["DataStream", "as_stream", "prepare_batch", "read_batches"]
@@ -79,13 +79,8 @@ def prepare_batch(batch, index: int, *, dtype=None, device=None,
 def _is_iterator(data) -> bool:
     """True for data that can be read only once (a generator; ``Batches`` over one). Never
     calls ``iter()``: a ``DataLoader`` draws from the global generator when iterated."""
-    inner = getattr(data, "data", None) if _is_batches(data) else None
+    inner = data.data if isinstance(data, Batches) else None
     return isinstance(data, Iterator) or isinstance(inner, Iterator)
-
-
-def _is_batches(data) -> bool:
-    from .batches import Batches
-    return isinstance(data, Batches)
 
 
 def _exhausted_or_empty(data) -> ValueError:
