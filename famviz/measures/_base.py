@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from .._progress import tick
 from ..batches import describe
 from ..curvature import ParamLayout
 from ..objective import Objective, check_finite_loss, check_seed, resolve_params  # noqa: F401
@@ -268,6 +269,7 @@ class Evaluator:
             self.forward += self.adversary.steps
             self.backward += self.adversary.steps
         self.forward += 1
+        tick()
         return total
 
     def loss(self, z: Tensor) -> float:
@@ -295,6 +297,7 @@ class Evaluator:
             self.backward += self.adversary.steps
         self.forward += 1
         self.backward += 1
+        tick()
         return total, grad
 
     def error(self, z: Tensor) -> float:
@@ -307,6 +310,7 @@ class Evaluator:
                 out = self.obj.forward(params, X)
                 wrong += float((out.argmax(dim=1) != class_targets(y, out)).sum())
         self.forward += 1
+        tick()
         return wrong / self.obj.num_samples
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._progress import counts_evaluations
 from ..curvature import generator, new_seed
 from ..objective import Objective, ObjectiveInfo, check_option
 from ._base import (
@@ -113,6 +114,7 @@ class PacBayesResult:
         return self.value
 
 
+@counts_evaluations("pac_bayes_flatness")
 def pac_bayes_flatness(
     model,
     data,
@@ -127,6 +129,7 @@ def pac_bayes_flatness(
     dtype: torch.dtype | None = None,
     device=None,
     bn: str = "eval",
+    progress: bool = False,
 ) -> PacBayesResult:
     r"""PAC-Bayes flatness :math:`1/\sigma^2` (Jiang et al. 2020), :math:`\sigma` the largest
     std of isotropic Gaussian weight noise raising the error (or loss) by at most ``target``.
@@ -146,6 +149,7 @@ def pac_bayes_flatness(
         params: perturb only these parameters (default all).
         seed: seed of the draws (drawn and recorded if None).
         dtype, device, bn: evaluation dtype, device and BatchNorm policy.
+        progress: show a tqdm bar counting the loss evaluations.
 
     Example (:math:`L(w) = \|w\|^2/2` in 2-D: the increase is :math:`\sigma^2\|\epsilon\|^2/2`
     averaged over the draws; one draw fixes it, so :math:`\sigma^\star =
@@ -232,7 +236,8 @@ def pac_bayes_flatness(
             "the measure is undefined here; the criterion does not react to the noise (an "
             "error already at chance level, or parameters that do not reach the output?)"
         )
-        warnings.warn(f"pac_bayes_flatness: {message}", RuntimeWarning, stacklevel=2)
+        # stacklevel 3: the caller's line, past the counts_evaluations wrapper
+        warnings.warn(f"pac_bayes_flatness: {message}", RuntimeWarning, stacklevel=3)
     else:
         inc, inc_se = stats[lo]
         sig, value = lo, 1.0 / lo**2

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .._progress import counts_evaluations
 from ..curvature import generator, new_seed
 from ..objective import Objective, ObjectiveInfo, check_option
 from ._base import (
@@ -183,6 +184,7 @@ def _result(ev: Evaluator, value: float, stderr: float, measure: str, kind: str,
 # ------------------------------------------------------------------------------- Keskar
 
 
+@counts_evaluations("eps_sharpness")
 def eps_sharpness(
     model,
     data,
@@ -197,6 +199,7 @@ def eps_sharpness(
     dtype: torch.dtype | None = None,
     device=None,
     bn: str = "eval",
+    progress: bool = False,
 ) -> SharpnessResult:
     r""":math:`\epsilon`-sharpness (Keskar et al. 2017), in percent.
 
@@ -220,6 +223,7 @@ def eps_sharpness(
         params: perturb only these parameters (names or layers; default all).
         seed: seed of the random starts (drawn and recorded if None and ``restarts > 1``).
         dtype, device, bn: evaluation dtype, device and BatchNorm policy.
+        progress: show a tqdm bar counting the loss evaluations.
 
     Example (:math:`L(w) = (w-1)^2` at :math:`w = 3`: the box is :math:`|z| \le 4\epsilon`, the
     maximum :math:`(2 + 4\epsilon)^2`; with :math:`\epsilon = 0.1`: 100 (5.76 − 4) / 5 = 35.2):
@@ -264,6 +268,7 @@ def eps_sharpness(
 # ------------------------------------------------------------------------------ adaptive
 
 
+@counts_evaluations("adaptive_sharpness")
 def adaptive_sharpness(
     model,
     data,
@@ -281,6 +286,7 @@ def adaptive_sharpness(
     dtype: torch.dtype | None = None,
     device=None,
     bn: str = "eval",
+    progress: bool = False,
 ) -> SharpnessResult:
     r"""Adaptive sharpness (Kwon et al. 2021, the neighbourhood of ASAM), worst or average case.
 
@@ -309,6 +315,7 @@ def adaptive_sharpness(
         params: perturb only these parameters (default all).
         seed: seed of the random draws (drawn and recorded if None and something is random).
         dtype, device, bn: evaluation dtype, device and BatchNorm policy.
+        progress: show a tqdm bar counting the loss evaluations.
 
     Example (:math:`L(w) = \|w\|^2/2` at :math:`w = (1, 1)`, :math:`\eta = 0`: the set is the
     disc of radius :math:`\rho` around :math:`w`; worst increase
@@ -388,6 +395,7 @@ def _per_tensor_direction(ev: Evaluator, gen: torch.Generator) -> Tensor:
     return e / ev.expand(nonzero(ev.tensor_norms(e)))
 
 
+@counts_evaluations("average_flatness")
 def average_flatness(
     model,
     data,
@@ -404,6 +412,7 @@ def average_flatness(
     dtype: torch.dtype | None = None,
     device=None,
     bn: str = "eval",
+    progress: bool = False,
 ) -> SharpnessResult:
     r"""Average-case flatness (Stutz, Hein, Schiele 2021): the mean loss increase under random
     per-tensor relative perturbations.
@@ -432,6 +441,7 @@ def average_flatness(
             the paper's CIFAR experiments).
         seed: seed of the draws (drawn and recorded if None).
         dtype, device, bn: evaluation dtype, device and BatchNorm policy.
+        progress: show a tqdm bar counting the loss evaluations.
 
     Example (:math:`L(w) = \|w\|^2/2`: the increase is :math:`\xi^2\|w\|^2/2` for every
     :math:`\pm\nu` pair, exactly):
@@ -464,6 +474,7 @@ def average_flatness(
                    names, used_seed, invariance)
 
 
+@counts_evaluations("worst_case_flatness")
 def worst_case_flatness(
     model,
     data,
@@ -482,6 +493,7 @@ def worst_case_flatness(
     dtype: torch.dtype | None = None,
     device=None,
     bn: str = "eval",
+    progress: bool = False,
 ) -> SharpnessResult:
     r"""Worst-case flatness (Stutz, Hein, Schiele 2021): the largest loss increase in the
     per-tensor relative neighbourhood, by projected gradient ascent.
@@ -508,6 +520,7 @@ def worst_case_flatness(
             in :func:`average_flatness`.
         seed: seed of the random starts (drawn and recorded if None and ``restarts > 1``).
         dtype, device, bn: evaluation dtype, device and BatchNorm policy.
+        progress: show a tqdm bar counting the loss evaluations.
 
     Example (:math:`L(w) = \|w\|^2/2` at :math:`\|w\| = 5`: the worst point moves outwards,
     :math:`(5 + 5\xi)^2/2 - 25/2`; with :math:`\xi = 0.1`: 2.625):

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._progress import counts_evaluations
 from ..curvature import generator, new_seed
 from ..objective import Objective, ObjectiveInfo
 from ._base import (
@@ -128,6 +129,7 @@ def _radius(ev: Evaluator, u: torch.Tensor, threshold: float, steps: int) -> tup
     return lo, False
 
 
+@counts_evaluations("basin_volume")
 def basin_volume(
     model,
     data,
@@ -141,6 +143,7 @@ def basin_volume(
     dtype: torch.dtype | None = None,
     device=None,
     bn: str = "eval",
+    progress: bool = False,
 ) -> VolumeResult:
     r"""Mean radius of the region around :math:`\theta` where the loss rises by at most
     ``threshold``, along random directions (a volume estimate for small models).
@@ -158,6 +161,7 @@ def basin_volume(
         params: directions in the space of these parameters only (default all).
         seed: seed of the directions (drawn and recorded if None).
         dtype, device, bn: evaluation dtype, device and BatchNorm policy.
+        progress: show a tqdm bar counting the loss evaluations.
 
     Example (:math:`L(w) = \|w\|^2/2` at :math:`w = 0`: every radius is
     :math:`\sqrt{2\tau}`):
