@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import math
 import os
 import sys
 import threading
