@@ -157,9 +157,8 @@ class DataStream(Iterable):
 
     def _read(self) -> Iterator:
         """The raw batches of one pass over live data, each read under the private state."""
-        source = [self._data] if is_single_batch(self._data) else self._data
         with self._rng.active():
-            it = iter(source)
+            it = iter(self._data)
         while True:
             with self._rng.active():
                 try:
@@ -183,8 +182,9 @@ class DataStream(Iterable):
         if self.num_samples and seen != self.num_samples:
             raise ValueError(
                 f"data delivered {seen} samples on one pass and {self.num_samples} on the first: "
-                "famviz reads data once per pass and needs the same samples every time (e.g. a "
-                "DataLoader without drop_last over a fixed dataset)"
+                "famviz reads data once per pass and needs the same number of samples every "
+                "time (a DataLoader over a fixed dataset gives it; a stream that grows or "
+                "shrinks does not)"
             )
 
     def first(self) -> Batch:
