@@ -337,10 +337,10 @@ class _Data:
                 raise ValueError(f"the batches of {what} have inconsistent shapes: {exc}") \
                     from exc
 
-    def sample(self) -> tuple[Tensor, Tensor]:
-        """Up to two samples, to check shapes with."""
-        X, y = (self.X, self.y) if not self.live else self.stream.first()
-        return X[:2], y
+    def first_inputs(self) -> Tensor:
+        """Up to two samples' inputs, to check shapes with."""
+        X = self.X if not self.live else self.stream.first()[0]
+        return X[:2]
 
     def epoch(self, batch_size: int | None, shuffle: torch.Generator):
         """The mini-batches of one epoch."""
@@ -586,7 +586,7 @@ def train(
         for what, part in (("train_data", train_set), ("test_data", test_set)):
             if part is None:
                 continue
-            inputs, _ = part.sample()
+            inputs = part.first_inputs()
             try:
                 out = net(inputs)
             except RuntimeError as exc:
@@ -615,7 +615,7 @@ def train(
 
     from tqdm.auto import tqdm  # noqa: PLC0415 (kept out of the core's import time)
 
-    shuffle, _ = _private_randomness(net, train_set.sample()[0], seed, device)
+    shuffle, _ = _private_randomness(net, train_set.first_inputs(), seed, device)
     bar = tqdm(range(1, epochs + 1), desc=f"{method}", disable=not progress, leave=False)
     try:
         for epoch in bar:
