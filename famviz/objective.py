@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import _random
-from .batches import Inputs, OutputError, describe, logits_of
-from .datastream import DataStream, as_stream, read_batches
+from .batches import OutputError, describe, logits_of
+from .datastream import DataStream, as_stream
 from .replica import check_model, check_unshared, preserve_global_rng, replicate, shared_names
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "check_targets",
     "BN_POLICIES",
     "Objective",
-    "as_batches",
     "check_option",
     "check_seed",
     "resolve_layer",
@@ -80,13 +79,6 @@ def check_option(name: str, value, valid: Sequence[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------- data
-
-
-def as_batches(data, *, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None) -> list[tuple[Tensor | Inputs, Tensor]]:
-    """Read ``data`` once into a list of ``(X, y)`` batches, cast and checked (see
-    :func:`famviz.datastream.read_batches`; an :class:`Objective` streams its data instead)."""
-    return read_batches(data, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------------- loss

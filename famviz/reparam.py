@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from famviz.batches import Inputs, OutputError, describe, logits_of
-from famviz.objective import Objective, as_batches, check_option, resolve_layer
+from famviz.datastream import read_batches
+from famviz.objective import Objective, check_option, resolve_layer
 from famviz.replica import check_model, replicate
 
 __all__ = [
@@ -729,7 +730,7 @@ def _inputs(X) -> list:
     elif hasattr(X, "__array__") and not isinstance(X, (tuple, list)):
         xs = [torch.as_tensor(X)]
     else:
-        xs = [b[0] for b in as_batches(X)]
+        xs = [b[0] for b in read_batches(X)]
     for x in xs:
         if len(x) == 0 if isinstance(x, Inputs) else x.numel() == 0:
             raise ValueError("X is empty: pass at least one sample")

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import famviz as fv
-from famviz.objective import Objective, as_batches, resolve_params
+from famviz.datastream import read_batches
+from famviz.objective import Objective, resolve_params
 
 from helpers import tiny_mlp
 
@@ -145,9 +146,9 @@ def test_not_a_model_or_not_data(digits_small):
     with pytest.raises(TypeError, match="torch.nn.Module"):
         fv.hessian_trace(lambda x: x, digits_small)
     with pytest.raises(TypeError, match="data must be"):
-        as_batches(42)
+        read_batches(42)
     with pytest.raises(TypeError, match="batch 0 of data is a Tensor; famviz reads \\(X, y\\)"):
-        as_batches([torch.zeros(3, 2)])
+        read_batches([torch.zeros(3, 2)])
 
 
 def test_custom_loss_named_like_a_builtin_is_not_the_builtin(digits_small):

@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from ..batches import OutputError, concat, describe, is_single_batch, logits_of, split_batch
 from ..curvature import Pullback, _sequential_leaves, piecewise_linear_after, pull_back
+from ..datastream import read_batches
 from ..objective import (
     LOSSES,
-    as_batches,
     check_option,
     check_targets,
     double_backward_safe,
@@ -171,7 +171,7 @@ def penalty_path(model: nn.Module, batch, layer: str | None = None, loss="cross_
     target = _Target(model, layer)
     loss_name, _ = resolve_loss(loss)
     W = target.module.weight
-    X = as_batches(batch, dtype=W.dtype, device=W.device)[0][0][:1]
+    X = read_batches(batch, dtype=W.dtype, device=W.device)[0][0][:1]
     target.output_fn = getattr(batch, "output_fn", None)
     with torch.no_grad(), _eval_modes(target.model):
         out, _, z = target.forward(X)
@@ -405,14 +405,14 @@ def _on_device(ok: Tensor, message: str, explain: Callable[[], None] | None = No
 def _batch(batch, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
     """``(X, y)`` of one batch, floating-point tensors cast to the layer's dtype and device
     and checked for NaN/inf on the device (:func:`_on_device`: no host synchronization). An
-    iterable of batches is read by :func:`famviz.objective.as_batches` (checked on the host)
+    iterable of batches is read by :func:`famviz.datastream.read_batches` (checked on the host)
     and concatenated."""
     if not is_single_batch(batch):
-        batches = as_batches(batch, dtype=dtype, device=device)
+        batches = read_batches(batch, dtype=dtype, device=device)
         return concat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     X, y = split_batch(batch, 0)
     if isinstance(X, Tensor) and X.ndim == 0 or y.ndim == 0 or len(X) != len(y) or not len(y):
-        return _batch([batch], dtype, device)  # as_batches says what is wrong
+        return _batch([batch], dtype, device)  # read_batches says what is wrong
     X = X.to(device=device, dtype=dtype if X.is_floating_point() else None) \
         if isinstance(X, Tensor) else X.to(dtype=dtype, device=device)
     y = y.to(device=device, dtype=dtype if y.is_floating_point() else None)
