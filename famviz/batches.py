@@ -175,6 +175,17 @@ def split_batch(batch, index: int) -> tuple[Tensor | Inputs, Tensor]:
     return _as_tensor(X, "X"), y
 
 
+def tensors_of(output) -> list[Tensor]:
+    """The tensors of a module's output (a tensor, or nested tuples/lists/dicts of them)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for o in output for t in tensors_of(o)]
+    return []
+
+
 class OutputError(TypeError):
     """famviz cannot find the logits in a model's output."""
 

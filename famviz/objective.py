@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import _random
-from .batches import OutputError, describe, logits_of
+from .batches import OutputError, describe, logits_of, tensors_of
 from .datastream import DataStream, as_stream
 from .replica import check_model, check_unshared, preserve_global_rng, replicate, shared_names
 
@@ -301,11 +301,15 @@ def resolve_params(model: nn.Module, params=None) -> list[str]:
 @dataclass(frozen=True)
 class LayerProbe:
     """A module's part in one forward pass: ``calls`` (times it ran), ``phi_ndim`` (axes of
-    its first input when it first ran), ``is_output`` (its output is the model's output)."""
+    its first input when it first ran), ``is_output`` (its output is the model's output),
+    ``output_sizes``."""
 
     calls: int
     phi_ndim: int | None
     is_output: bool
+    #: the number of elements of its output(s), one entry per call (sizes, not identity:
+    #: left out of comparisons)
+    output_sizes: tuple[int, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -407,8 +411,9 @@ class Objective:
 
         def make_hook(name):
             def hook(module, inputs, output):
-                entry = seen.setdefault(name, [0, None, None])
+                entry = seen.setdefault(name, [0, None, None, []])
                 entry[0] += 1
+                entry[3].append(sum(t.numel() for t in tensors_of(output)))
                 if entry[0] == 1:
                     phi = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
                     entry[1], entry[2] = (None if phi is None else phi.ndim), output
@@ -431,10 +436,15 @@ class Objective:
         finally:
             for h in handles:
                 h.remove()
-        self._probes = {name: LayerProbe(calls, phi_ndim, output is out)
-                        for name, (calls, phi_ndim, output) in seen.items()}
-        self.sample_output_ndim = out.ndim
+        self._probes = {name: LayerProbe(calls, phi_ndim, output is out, tuple(sizes))
+                        for name, (calls, phi_ndim, output, sizes) in seen.items()}
+        #: the shape of the model's output on :attr:`sample`
+        self.sample_output_shape = tuple(out.shape)
         return out
+
+    @property
+    def sample_output_ndim(self) -> int:
+        return len(self.sample_output_shape)
 
     def layer_probe(self, layer: str) -> LayerProbe:
         """How module ``layer`` took part in the one-sample forward pass made when the

@@ -197,6 +197,7 @@ def test_the_one_sample_pass_records_each_layers_part():
     obj = Objective(model, (torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])))
     assert obj.layer_probe("0") == type(obj.layer_probe("0"))(1, 2, False)
     assert obj.layer_probe("2").calls == 2  # the same module used twice
+    assert obj.layer_probe("2").output_sizes == (4, 4) and obj.sample_output_shape == (1, 2)
     assert obj.layer_probe("5").is_output and obj.layer_probe("5").calls == 1
     assert obj.layer_probe("missing").calls == 0 and obj.sample_output_ndim == 2
     conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(),

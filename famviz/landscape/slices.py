@@ -196,25 +196,16 @@ class _Engine:
 
     def _activation_elements(self) -> int:
         """Elements of one grid point's activations: every leaf module's outputs on one sample
-        (one forward pass), times the largest data batch. Sets ``peak``: the largest single
-        output times that batch (evaluations run without a graph, so a point holds a few
-        such tensors at a time, not all of them)."""
-        counts = []
-
-        def count(module, inputs, output):
-            counts.append(sum(t.numel() for t in _tensors(output)))
-
-        leaves = [m for m in self.obj.model.modules() if not any(True for _ in m.children())]
-        handles = [m.register_forward_hook(count) for m in leaves]
-        try:
-            with torch.no_grad():
-                out = self.obj.forward({}, self.obj.sample, bn="eval")
-        finally:
-            for h in handles:
-                h.remove()
+        (read off the objective's one-sample pass), times the largest data batch. Sets
+        ``peak``: the largest single output times that batch (evaluations run without a graph,
+        so a point holds a few such tensors at a time, not all of them)."""
+        counts = [size for name, m in self.obj.model.named_modules()
+                  if name and not any(True for _ in m.children())
+                  for size in self.obj.layer_probe(name).output_sizes]
+        out = math.prod(self.obj.sample_output_shape)
         self.n_max = self.obj.batches.max_batch
-        self.peak = self.n_max * max(counts + [out.numel()])
-        return self.n_max * max(sum(counts), out.numel())
+        self.peak = self.n_max * max(counts + [out])
+        return self.n_max * max(sum(counts), out)
 
     def _chunk_size(self, budget: int) -> int:
         itemsize = torch.finfo(self.obj.dtype).bits // 8
@@ -323,17 +314,6 @@ class _Engine:
                 losses.append(l)
                 accs.append(a)
         return torch.cat(losses).cpu().double().numpy(), torch.cat(accs).cpu().double().numpy()
-
-
-def _tensors(output) -> list[Tensor]:
-    """The tensors of a module's output (a tensor, or nested tuples/lists/dicts of them)."""
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return [t for o in output for t in _tensors(o)]
-    return []
 
 
 # ----------------------------------------------------------------------------------- results
