@@ -376,10 +376,10 @@ def _neighbours(model: nn.Module, layer: str) -> tuple[str | None, str | None]:
 
 
 def _is_binary(obj: Objective) -> bool:
-    """One logit or two classes per sample (the tasks of the binary-only measures)."""
-    with torch.no_grad():
-        out = obj.forward({}, obj.sample, bn="eval")
-    return out.ndim == 1 or (out.ndim == 2 and out.shape[1] in (1, 2))
+    """One logit or two classes per sample (the tasks of the binary-only measures), read off
+    the objective's one-sample pass."""
+    shape = obj.sample_output_shape
+    return len(shape) == 1 or (len(shape) == 2 and shape[1] in (1, 2))
 
 
 def _default_layer(model: nn.Module) -> str | None:
