@@ -12,7 +12,7 @@ PIN    := $(VENV)/torch-pin.txt
 STAMP  := $(VENV)/.famviz-installed
 PYTEST_ARGS ?=
 
-.PHONY: lab voila test screenshots bench install clean
+.PHONY: lab voila test screenshots bench install labextension clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,35 @@ $(STAMP): pyproject.toml $(PIN)
 	$(PY) -m pip install -c $(PIN) -e ".[dev,dask]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# famviz's JupyterLab extension (labextension/: a widget output that lost the race for its model
+# after a page reload looks again), built with Node.js's npm into famviz/labextension and linked
+# into .venv's JupyterLab, as `jupyter labextension develop` does. npm is installed from Debian
+# when missing (sudo unless root).
+NPM        := $(or $(shell command -v npm),/usr/bin/npm)
+LABEXT_SRC := labextension/package.json labextension/package-lock.json labextension/src/index.js
+LABEXT     := $(VENV)/share/jupyter/labextensions/famviz-jupyterlab/package.json
+LAB_CORE    = $(shell $(PY) -c "import jupyterlab, pathlib; print(pathlib.Path(jupyterlab.__file__).parent / 'staging')")
+
+$(LABEXT): $(LABEXT_SRC) | $(STAMP) $(NPM)
+	cd labextension && $(NPM) ci --no-audit --no-fund
+	rm -rf famviz/labextension
+	cd labextension && node node_modules/@jupyterlab/builder/lib/build-labextension.js \
+	  --core-path "$(LAB_CORE)" .
+	mkdir -p $(dir $(@D))
+	ln -sfn ../../../../famviz/labextension $(@D)
+
+/usr/bin/npm:
+	@command -v apt-get >/dev/null || { echo "Node.js and npm are needed to build labextension/"; exit 1; }
+	$(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends nodejs npm
+
+labextension: $(LABEXT)
+
+install: $(STAMP) $(LABEXT)
 
 # JupyterLab refuses to run as root unless told to (containers, CI machines)
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True)
 
-lab: $(STAMP)
+lab: $(STAMP) $(LABEXT)
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
 
 # the dashboards as an app, with famviz's Voilà template (share/jupyter/voila/templates/famviz:
@@ -52,7 +75,7 @@ $(CHROMIUM):
 
 # unit tests, doctests, the browser tests and the tutorials (each notebook run in a fresh
 # kernel by nbmake); pytest's exit code 5 ("no tests collected") is not a failure
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(LABEXT) $(CHROMIUM)
 	$(PY) -m pytest --doctest-modules famviz tests --nbmake --nbmake-timeout=300 notebooks \
 	  $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
@@ -72,4 +95,4 @@ bench: $(VENV)/.famviz-bench
 	  $(PY) -u benchmarks/$$s.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info famviz/labextension labextension/node_modules
