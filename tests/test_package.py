@@ -52,11 +52,13 @@ def test_environment_yml_matches_pyproject():
         re.fullmatch(r"-e\s+\.(\[.*\])?", line) for line in pip_sections[0]
     ), "environment.yml must install the project itself with pip"
     assert "python" in conda and "pip" in conda
+    # Node.js builds famviz's JupyterLab extension (labextension/, `make labextension`)
+    assert "nodejs" in conda, "environment.yml must provide Node.js for labextension/"
     wanted = {}
     for req in pyproject["project"]["dependencies"]:
         name, spec = _split_requirement(req)
         wanted[CONDA_NAMES.get(name, name)] = spec
-    got = {k: v for k, v in conda.items() if k not in ("python", "pip")}
+    got = {k: v for k, v in conda.items() if k not in ("python", "pip", "nodejs")}
     assert got == wanted
     assert conda["python"] == pyproject["project"]["requires-python"]
 
