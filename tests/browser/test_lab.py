@@ -1,7 +1,7 @@
 """The dashboards in a real JupyterLab: open notebooks/dashboards.ipynb, Run All Cells from the
-menu, change the controls of all three dashboards, save, **reload the page** and check that the
-views rebuilt from the kernel's widget state draw what the kernel computed (not the first
-picture), and that the readouts at α = 100 survive the reload. A second test plays out the race
+menu, change α and every control of the landscape and training dashboards, save, **reload the
+page** and check that the views rebuilt from the kernel's widget state draw what the kernel
+computed (not the first picture), and that the readouts at α = 100 survive the reload. A second test plays out the race
 that famviz's Lab extension (labextension/) closes: a widget output giving up on a model that
 arrived while the page was busy."""
 
@@ -13,17 +13,19 @@ from playwright.sync_api import expect
 from .conftest import (
     KERNEL_TIMEOUT,
     RUN_TIMEOUT,
-    TRAIN_TIMEOUT,
     UPDATE_TIMEOUT,
     VIEWPORT,
+    change_landscape_controls,
     check_alpha_invariance,
     check_function_check,
+    check_landscape_drawn,
     check_layout,
     check_plots_have_data,
     check_reparam_at_alpha_100,
+    check_training_drawn,
     record_external_requests,
     require_notebook,
-    select_option,
+    run_training,
     slider_keys,
     wait_for_plot,
 )
@@ -78,23 +80,17 @@ def test_dashboards_in_jupyterlab_survive_a_reload(page, lab_server, artifacts_d
     landscape = page.locator(".famviz-landscape").first
     training = page.locator(".famviz-training").first
 
-    # change the controls: α to 100, the landscape to a 21 × 21 test-loss grid, one ASAM epoch
+    # change the controls: α to 100; every control of the landscape (ending at a 21 × 21
+    # linear test-loss grid along Hessian directions); two training runs of 2 epochs
     check_plots_have_data(reparam)
     check_alpha_invariance(reparam)
     before = check_reparam_at_alpha_100(reparam)
     expect(landscape.locator(".famviz-status").first).to_contain_text(
         re.compile(r"41 × 41 grid drawn"), timeout=RUN_TIMEOUT)
-    select_option(landscape, "resolution", "21")
-    landscape.get_by_role("button", name="test", exact=True).click()
-    expect(landscape.locator(".famviz-status").first).to_contain_text(
-        re.compile(r"21 × 21 grid drawn after [\d.]+ s$"), timeout=UPDATE_TIMEOUT)
-    slider_keys(training, ".widget-slider:has(label:text-is('epochs'))", "Home")
-    training.get_by_role("button", name="ASAM", exact=True).click()
-    training.locator(".famviz-start").first.click()
-    status = training.locator(".famviz-status").first
-    expect(status).to_contain_text(re.compile(r"^ASAM.*: finished 1 epochs"),
-                                   timeout=TRAIN_TIMEOUT)
-    label = status.inner_text().split(":")[0].strip()
+    change_landscape_controls(landscape)
+    slider_keys(training, ".widget-slider:has(label:text-is('epochs'))", "Home", "ArrowRight")
+    first = run_training(training, "FAM")
+    second = run_training(training, "ASAM")
 
     # layout in the notebook's cell: every plot fits its dashboard, nothing clipped
     for widget in (reparam, landscape, training):
@@ -126,19 +122,12 @@ def test_dashboards_in_jupyterlab_survive_a_reload(page, lab_server, artifacts_d
     wait_for_plot(reparam, "famviz-measures-plot",
                   f"(p) => Array.isArray(p.y[0]) && Math.abs(p.y[0][1] / "
                   f"{before['hessian_trace']} - 1) < 1e-3", "the bars at α = 100")
-    for cls, title in (("famviz-surface-plot", "Loss surface (log10 test loss)"),
-                       ("famviz-contour-plot", "Loss contours (log10 test loss)")):
-        wait_for_plot(landscape, cls,
-                      f"(p) => p.title === {title!r} && p.traces === 2 && p.z[0] === '21,21'",
-                      f"{title!r}, a 21 × 21 grid")
+    check_landscape_drawn(landscape)
     page.set_viewport_size({"width": VIEWPORT["width"], "height": 1500})
     reparam.scroll_into_view_if_needed()
     reparam.screenshot(path=str(artifacts_dir / "lab-reparam.png"))
 
-    wait_for_plot(training, "famviz-training-plot",
-                  f"(p) => p.traces === 10 && p.names[5] === {label!r} && "
-                  "Array.isArray(p.y[5]) && p.y[5].length === 1",
-                  f"the ASAM run {label!r}")
+    check_training_drawn(training, second, first, epochs=2)
 
     assert external == [], f"the page requested other hosts: {external}"
 

@@ -11,78 +11,27 @@ from playwright.sync_api import expect
 
 from .conftest import (
     RUN_TIMEOUT,
-    TRAIN_TIMEOUT,
     UPDATE_TIMEOUT,
+    change_landscape_controls,
     check_alpha_invariance,
     check_function_check,
+    check_landscape_drawn,
     check_layout,
     check_plots_changed,
     check_plots_have_data,
     check_reparam_at_alpha_100,
+    check_training_drawn,
     plots_signature,
     record_external_requests,
     require_notebook,
-    select_option,
+    run_training,
     slider_keys,
-    wait_for_plot,
 )
 
 NOTEBOOK = "dashboards.ipynb"
 # plotly's toolbar appears on hover; keep it out of the README's pictures
 SCREENSHOT_CSS = ".modebar-container { display: none !important; }"
 TRACEBACK = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
-
-
-def change_landscape_controls(landscape):
-    """Every control of the LandscapeExplorer once; ends at 21 × 21, Hessian directions,
-    test loss, linear scale."""
-    status = landscape.locator(".famviz-status").first
-    select_option(landscape, "normalize", "layer")
-    seed = landscape.locator(".widget-inline-hbox:has(label:text-is('seed')) input").first
-    seed.fill("5")
-    seed.press("Enter")
-    slider_keys(landscape, ".widget-slider", "ArrowLeft")  # span
-    select_option(landscape, "resolution", "21")
-    select_option(landscape, "directions", "Hessian top-2")
-    landscape.get_by_role("button", name="test", exact=True).click()
-    landscape.locator("input[type=checkbox]").first.uncheck()
-    expect(status).to_contain_text(re.compile(r"21 × 21 grid drawn after [\d.]+ s$"),
-                                   timeout=UPDATE_TIMEOUT)
-
-
-def check_landscape_drawn(landscape):
-    """The page draws the last setting: 21 × 21 test-loss grids, linear, two traces each."""
-    for cls, title in (("famviz-surface-plot", "Loss surface (test loss)"),
-                       ("famviz-contour-plot", "Loss contours (test loss)")):
-        wait_for_plot(landscape, cls,
-                      f"(p) => p.title === {title!r} && p.traces === 2 && p.z[0] === '21,21'",
-                      f"{title!r}, 2 traces, a 21 × 21 grid")
-
-
-def run_training(training, method: str) -> str:
-    """Choose `method`, move its strength one step, start, wait; returns the run's label as
-    the status line gives it (e.g. "ASAM ρ=0.63")."""
-    status = training.locator(".famviz-status").first
-    training.get_by_role("button", name=method, exact=True).click()
-    slider = ".widget-slider:has(label:text-is('FAM λ'))" if method == "FAM" else \
-        ".widget-slider:has(label:text-is('SAM ρ'))"
-    slider_keys(training, slider, "ArrowRight")
-    start = training.locator(".famviz-start").first
-    start.scroll_into_view_if_needed()
-    expect(start).to_be_enabled()
-    start.click()
-    expect(status).to_contain_text(re.compile(rf"^{method}.*: (finished|stopped)"),
-                                   timeout=TRAIN_TIMEOUT)
-    return status.inner_text().split(":")[0].strip()
-
-
-def check_training_drawn(training, current: str, previous: str, epochs: int):
-    expect(training.locator(".famviz-epoch").first).to_have_text(f"{epochs} / {epochs}")
-    wait_for_plot(
-        training, "famviz-training-plot",
-        f"(p) => p.traces === 10 && p.names[0] === {previous!r} && p.names[5] === {current!r}"
-        f" && Array.isArray(p.y[5]) && p.y[5].length === {min(epochs, 3)}",
-        f"previous run {previous!r}, current {current!r} with {epochs} epochs")
 
 
 #: how long the whole page may take to render (all cells run, every dashboard shown)
