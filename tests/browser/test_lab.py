@@ -1,9 +1,10 @@
 """The dashboards in a real JupyterLab: open notebooks/dashboards.ipynb, Run All Cells from the
-menu, change α and every control of the landscape and training dashboards, save, **reload the
-page** and check that the views rebuilt from the kernel's widget state draw what the kernel
-computed (not the first picture), and that the readouts at α = 100 survive the reload. A second test plays out the race
-that famviz's Lab extension (labextension/) closes: a widget output giving up on a model that
-arrived while the page was busy."""
+menu, show the ReparamExplorer a second time in a new cell, change α and every control of the
+landscape and training dashboards, save, **reload the page** and check that every view rebuilt
+from the kernel's widget state draws what the kernel computed (not the first picture), and that
+the readouts at α = 100 survive the reload in both views of the ReparamExplorer. A second test
+plays out the race that famviz's Lab extension (labextension/) closes: a widget output giving
+up on a model that arrived while the page was busy."""
 
 import json
 import re
@@ -59,6 +60,31 @@ RUN_FINISHED = """() => {
 
 SAVE = "() => window.jupyterapp.commands.execute('docmanager:save')"
 
+# A new cell at the end that shows the ReparamExplorer (`reparam`) once more: a second view of
+# the same widget, made before its controls move, which every change must reach too.
+SECOND_VIEW = """async () => {
+  const app = window.jupyterapp;
+  const notebook = app.shell.currentWidget.content;
+  notebook.activeCellIndex = notebook.widgets.length - 1;
+  await app.commands.execute('notebook:insert-cell-below');
+  notebook.activeCell.model.sharedModel.setSource('reparam');
+  await app.commands.execute('notebook:run-cell');
+}"""
+
+
+def check_same_reparam_readouts(view, readouts, *, bars=True):
+    """`view` of the ReparamExplorer shows the ratios `readouts` (read off another view) as
+    text and (with `bars`) as the bars of its plot. A second view's plots are not read:
+    jupyterlab-plotly stores a PNG of a drawn figure in the output model that both views share,
+    and a view drawn after that shows the PNG instead of a plot the page can read."""
+    for name, value in readouts.items():
+        expect(view.locator(f'.famviz-ratio[data-measure="{name}"]').first).to_have_text(
+            f"{value:.4g}×", timeout=UPDATE_TIMEOUT)
+    if bars:
+        wait_for_plot(view, "famviz-measures-plot",
+                      f"(p) => Array.isArray(p.y[0]) && Math.abs(p.y[0][1] / "
+                      f"{readouts['hessian_trace']} - 1) < 1e-3", "the bars at α = 100")
+
 
 def test_dashboards_in_jupyterlab_survive_a_reload(page, lab_server, artifacts_dir,
                                                    failure_artifacts):
@@ -79,6 +105,11 @@ def test_dashboards_in_jupyterlab_survive_a_reload(page, lab_server, artifacts_d
     reparam = page.locator(".famviz-reparam").first
     landscape = page.locator(".famviz-landscape").first
     training = page.locator(".famviz-training").first
+    page.evaluate(SECOND_VIEW)
+    expect(page.locator(".famviz-reparam")).to_have_count(2, timeout=UPDATE_TIMEOUT)
+    second_view = page.locator(".famviz-reparam").nth(1)
+    expect(second_view.locator('.famviz-ratio[data-measure="hessian_trace"]').first
+           ).to_have_text("1×", timeout=UPDATE_TIMEOUT)
 
     # change the controls: α to 100; every control of the landscape (ending at a 21 × 21
     # linear test-loss grid along Hessian directions); two training runs of 2 epochs
@@ -91,6 +122,7 @@ def test_dashboards_in_jupyterlab_survive_a_reload(page, lab_server, artifacts_d
     slider_keys(training, ".widget-slider:has(label:text-is('epochs'))", "Home", "ArrowRight")
     first = run_training(training, "FAM")
     second = run_training(training, "ASAM")
+    check_same_reparam_readouts(second_view, before, bars=False)  # α moved in the first view
 
     # layout in the notebook's cell: every plot fits its dashboard, nothing clipped
     for widget in (reparam, landscape, training):
@@ -111,17 +143,15 @@ def test_dashboards_in_jupyterlab_survive_a_reload(page, lab_server, artifacts_d
     # widget output gave up on its model while the page was busy drawing another ("Error
     # displaying widget: model not found"; the race is reproduced by the test below).
     lost = page.locator(".jupyter-widgets", has_text="Error displaying widget: model not found")
-    for widget in (reparam, landscape, training):
+    for widget in (reparam, landscape, training, second_view):
         expect(widget.or_(lost).first).to_be_visible(timeout=UPDATE_TIMEOUT)
     assert external == [], f"the page requested other hosts: {external}"
     assert lost.count() == 0, f"{lost.count()} dashboard(s) not rebuilt after the reload"
 
-    ratio = reparam.locator('.famviz-ratio[data-measure="hessian_trace"]').first
-    expect(ratio).to_have_text(f"{before['hessian_trace']:.4g}×", timeout=UPDATE_TIMEOUT)
-    check_function_check(reparam)
-    wait_for_plot(reparam, "famviz-measures-plot",
-                  f"(p) => Array.isArray(p.y[0]) && Math.abs(p.y[0][1] / "
-                  f"{before['hessian_trace']} - 1) < 1e-3", "the bars at α = 100")
+    check_same_reparam_readouts(reparam, before)
+    check_same_reparam_readouts(second_view, before, bars=False)
+    for view in (reparam, second_view):
+        check_function_check(view)
     check_landscape_drawn(landscape)
     page.set_viewport_size({"width": VIEWPORT["width"], "height": 1500})
     reparam.scroll_into_view_if_needed()
