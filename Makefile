@@ -40,7 +40,8 @@ $(LABEXT): $(LABEXT_SRC) | $(STAMP)
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends nodejs npm; } || \
 	  echo "warning: could not install Node.js and npm from Debian"
 	@if command -v npm >/dev/null; then set -ex; \
-	  cd labextension && npm ci --no-audit --no-fund && rm -rf ../famviz/labextension && \
+	  cd labextension && { npm ci --no-audit --no-fund || npm ci --no-audit --no-fund; } && \
+	  rm -rf ../famviz/labextension && \
 	  node node_modules/@jupyterlab/builder/lib/build-labextension.js --core-path "$(LAB_CORE)" . && \
 	  cd .. && mkdir -p $(dir $(@D)) && ln -sfn ../../../../famviz/labextension $(@D); \
 	else echo "warning: no npm: famviz's JupyterLab extension (labextension/) is not built;" \
