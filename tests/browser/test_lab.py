@@ -23,12 +23,12 @@ from .conftest import (
     check_layout,
     check_plots_have_data,
     check_reparam_at_alpha_100,
+    check_trace_bar,
     check_training_drawn,
     record_external_requests,
     require_notebook,
     run_training,
     slider_keys,
-    wait_for_plot,
 )
 
 NOTEBOOK = "dashboards.ipynb"
@@ -84,9 +84,7 @@ def check_same_reparam_readouts(view, readouts):
     bars = view.locator(".famviz-measures-plot").first
     bars.scroll_into_view_if_needed()
     bars.hover()
-    wait_for_plot(view, "famviz-measures-plot",
-                  f"(p) => Array.isArray(p.y[0]) && Math.abs(p.y[0][1] / "
-                  f"{readouts['hessian_trace']} - 1) < 1e-3", "the bars at α = 100")
+    check_trace_bar(view, readouts["hessian_trace"])
 
 
 def test_dashboards_in_jupyterlab_survive_a_reload(page, lab_server, artifacts_dir,
